@@ -1,0 +1,3 @@
+from llamba_cli.cli.app import main
+
+main()

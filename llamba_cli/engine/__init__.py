@@ -1,0 +1,23 @@
+"""The llamba engine: continuous batching over llama.cpp, as a plain Python library.
+
+Needs neither the CLI nor files: build an `Engine`, submit `Request`s (or pass an
+iterable to `Engine.run`) and collect them as they finish.
+"""
+
+from llamba_cli.engine.config import EngineConfig, SamplingParams
+from llamba_cli.engine.engine import Engine, EngineStats
+from llamba_cli.engine.labels import normalize
+from llamba_cli.engine.llama import Model, check_gguf
+from llamba_cli.engine.request import Request, Status
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "Model",
+    "Request",
+    "SamplingParams",
+    "Status",
+    "check_gguf",
+    "normalize",
+]

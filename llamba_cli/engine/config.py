@@ -1,0 +1,131 @@
+"""Engine and sampling configuration: frozen, validated once at construction.
+
+Names follow llama.cpp (`n_batch`, `n_gpu_layers`, `flash_attn`) and OpenAI
+(`temperature`, `top_p`, `presence_penalty`) so flags mean what users already know.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from llamba_cli.errors import ConfigError
+
+FLASH_ATTN_MODES = ("auto", "on", "off")
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp's matmuls gain nothing from SMT siblings."""
+    n = os.cpu_count() or 1
+    return max(1, n // 2) if n > 8 else n
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the llama.cpp context is built and how many sequences run at once.
+
+    `slots` sequences decode together; each may hold up to `n_ctx_seq` tokens
+    (prompt + completion).  The KV cache is one unified pool of
+    `slots * n_ctx_seq + prefix_cache_tokens` cells, so a short sequence leaves
+    room for a long one and shared prefixes are stored once.
+    """
+
+    model_path: str
+    slots: int = 16
+    n_ctx_seq: int = 2048
+    n_batch: int = 512
+    n_threads: int = field(default_factory=default_threads)
+    flash_attn: str = "auto"
+    n_gpu_layers: int = -1
+    repack: bool | None = None  # llama.cpp weight repacking; None = on unless the CPU has AMX
+    prefix_cache: bool = True
+    prefix_cache_tokens: int = 4096
+    prefix_min_tokens: int = 16
+    lookahead: int = 64
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.slots <= 240, f"slots must be between 1 and 240, got {self.slots}")
+        _check(self.n_ctx_seq >= 16, f"ctx must be at least 16 tokens, got {self.n_ctx_seq}")
+        _check(self.n_batch >= self.slots, f"n_batch ({self.n_batch}) must be >= slots ({self.slots})")
+        _check(self.n_threads >= 1, f"threads must be >= 1, got {self.n_threads}")
+        _check(
+            self.flash_attn in FLASH_ATTN_MODES,
+            f"flash-attn must be one of {', '.join(FLASH_ATTN_MODES)}, got {self.flash_attn!r}",
+        )
+        _check(self.prefix_min_tokens >= 1, "prefix_min_tokens must be >= 1")
+        _check(self.prefix_cache_tokens >= 0, "prefix_cache_tokens must be >= 0")
+
+    @property
+    def n_ctx(self) -> int:
+        """Total KV cells of the unified cache."""
+        reserve = self.prefix_cache_tokens if self.prefix_cache else 0
+        return self.slots * self.n_ctx_seq + reserve
+
+    @property
+    def prefix_slots(self) -> int:
+        """Sequence ids reserved for cached prefixes (after the `slots` row sequences)."""
+        return 8 if self.prefix_cache else 0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters (llama.cpp defaults unless noted).
+
+    temperature 0 is greedy.  Penalties look at the last `repeat_last_n` generated
+    tokens.  `logit_bias` maps token id -> additive bias (OpenAI semantics; -inf bans).
+    `seed` fixes this request's own random stream, so its draws do not depend on
+    which other requests share a batch.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k >= 0, f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}")
+        _check(0 <= self.min_p < 1, f"min-p must be in [0, 1), got {self.min_p}")
+        _check(self.repeat_penalty > 0, f"repeat-penalty must be > 0, got {self.repeat_penalty}")
+        _check(
+            -2 <= self.presence_penalty <= 2,
+            f"presence-penalty must be in [-2, 2], got {self.presence_penalty}",
+        )
+        _check(
+            -2 <= self.frequency_penalty <= 2,
+            f"frequency-penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        _check(self.repeat_last_n >= 0, "repeat_last_n must be >= 0")
+        _check(self.max_tokens >= 1, f"max-tokens must be >= 1, got {self.max_tokens}")
+        _check(all(s for s in self.stop), "stop strings must not be empty")
+        for tok, bias in self.logit_bias:
+            _check(tok >= 0, f"logit bias token ids must be >= 0, got {tok}")
+            _check(not math.isnan(bias), "logit bias must be a number")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return (
+            self.repeat_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        ) and self.repeat_last_n > 0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

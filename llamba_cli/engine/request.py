@@ -1,0 +1,100 @@
+"""`Request`: the one object that carries a row through the engine.
+
+Created by the caller (the job layer, a server, a Ray actor), submitted to the
+`Engine`, scheduled, run, sampled, and handed back finished with its result
+fields set.  The scheduler's invariant, borrowed from vLLM: every step, each
+running request's *computed* tokens (KV in its sequence) catch up with its *known*
+tokens; a generated token or a label branch just makes more tokens known.  There is
+no separate prefill or decode mode.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llamba_cli.engine.config import SamplingParams
+from llamba_cli.engine.labels import LabelScorer
+from llamba_cli.engine.text import TextStream
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """A generation (or, with `labels`, a classification) request.
+
+    Inputs: `id` (any caller key), `prompt` (text, tokenized by the engine with the
+    model's BOS rule and special tokens parsed), `params`, `labels` (label texts to
+    score as continuations of the prompt, `label_delimiter` joining them), `sample`
+    (a caller tag, e.g. which of n samples).
+
+    Results, set when `status` is FINISHED: `text`, `finish_reason` ("stop",
+    "length" or "error"), `error`, `prompt_tokens`, `completion_tokens`,
+    `cached_tokens` (prompt tokens reused from the prefix cache), and for
+    classification `label_logprobs` (log P(label | prompt), summed over the label's
+    tokens, in label order).
+    """
+
+    id: Any
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    labels: tuple[str, ...] | None = None
+    label_delimiter: str = " "
+    sample: int = 0
+
+    # -- engine state -------------------------------------------------------------
+    status: Status = Status.WAITING
+    seq_id: int = -1
+    tokens: list[int] = field(default_factory=list)  # known tokens: prompt (+ generated/branch)
+    num_prompt: int = 0
+    num_computed: int = 0  # tokens whose KV is in this request's sequence
+    cached_tokens: int = 0
+    score_from: int = -1  # positions >= this also want logits (label branches); -1 = none
+    stream: TextStream | None = None
+    scorer: LabelScorer | None = None
+    rng: np.random.Generator | None = None
+
+    # -- results ------------------------------------------------------------------
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    completion_tokens: int = 0
+    label_logprobs: list[float] | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.num_prompt
+
+    @property
+    def is_classification(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def wants_logits(self, pos: int) -> bool:
+        """Whether the token at `pos` needs an output row when it is computed."""
+        return pos == len(self.tokens) - 1 or 0 <= self.score_from <= pos
+
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        if self.stream is not None:
+            self.text = self.stream.text

@@ -1,0 +1,447 @@
+"""Prompt formats, and the builder that turns one input row into prompt text.
+
+A prompt format is a Jinja chat template plus extra stop strings.  The packaged
+ones are `formats/*.toml`; a model's own `tokenizer.chat_template` becomes one
+through `format_from_gguf`.  `PromptBuilder` takes the user content of a row
+(`--template`, else the prompt column, else the messages column), makes it a
+conversation, adds the `--system` message, and renders it through the format.
+
+Every template is rendered in Jinja's immutable sandbox, and reaching for an
+unsafe attribute (`__class__`, `__globals__`, ...) raises at once: a chat template
+read from a model file is untrusted input, and the sandbox alone would quietly
+render such an access as an empty string and carry on.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import string
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llamba_cli.errors import ConfigError, RowError, TemplateError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+# Installed, `formats/` sits inside the package; in a source checkout it is at the
+# repository root.  The installed copy wins when both exist.
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_FORMAT_DIRS = (_PACKAGE_DIR / "formats", _PACKAGE_DIR.parent / "formats")
+
+_FORMAT_KEYS = ("description", "template", "stop")
+_ROLES = ("system", "user", "assistant")
+# Rendered once when a builder is made, so a template that cannot render even the
+# simplest conversation stops the job before the first row.
+_PROBE_TEXT = "llamba format check"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """A named chat template (Jinja source) and the extra stop strings it needs."""
+
+    name: str
+    template: str
+    stop: tuple[str, ...]
+    description: str = ""
+
+
+def list_formats() -> list[str]:
+    """Names of the packaged formats, sorted; empty if none are installed."""
+    directory = _formats_dir()
+    if directory is None:
+        return []
+    return sorted(path.stem for path in directory.glob("*.toml"))
+
+
+def load_format(name_or_path: str) -> PromptFormat:
+    """Load a packaged format by name, or a format file by path.
+
+    Anything ending in `.toml` or containing a path separator is a path; the
+    format's name is then the file's stem.  An unknown name raises `ConfigError`
+    listing the available ones; a malformed file raises `TemplateError`.
+    """
+    if name_or_path.endswith(".toml") or "/" in name_or_path or "\\" in name_or_path:
+        path = Path(name_or_path).expanduser()
+        return _read_format_file(path, path.stem)
+    available = list_formats()
+    directory = _formats_dir()
+    # Matching against the listing, never joining the name onto a path, keeps a
+    # name like "../secret" from reaching outside the formats directory.
+    if name_or_path not in available or directory is None:
+        names = ", ".join(available) or "none installed"
+        raise ConfigError(
+            f"unknown prompt format {name_or_path!r} (available: {names}; "
+            "or give the path of a .toml format file)"
+        )
+    return _read_format_file(directory / f"{name_or_path}.toml", name_or_path)
+
+
+def format_from_gguf(template: str, name: str = "gguf") -> PromptFormat:
+    """Wrap a model's own `tokenizer.chat_template` as a format.
+
+    The text is untrusted: it is only ever rendered in the sandbox.  An empty
+    template raises `TemplateError`.
+    """
+    if not isinstance(template, str) or not template.strip():
+        raise TemplateError(f"the model's chat template ({name}) is empty")
+    return PromptFormat(
+        name=name, template=template, stop=(), description="chat template stored in the model file"
+    )
+
+
+def _formats_dir() -> Path | None:
+    for directory in _FORMAT_DIRS:
+        if directory.is_dir():
+            return directory
+    return None
+
+
+def _read_format_file(path: Path, name: str) -> PromptFormat:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"prompt format file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read prompt format file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"prompt format file {path} is not valid TOML: {exc}") from None
+
+    unknown = sorted(set(data) - set(_FORMAT_KEYS))
+    if unknown:
+        raise TemplateError(
+            f"prompt format file {path} has unknown key(s) {', '.join(unknown)} "
+            f"(expected {', '.join(_FORMAT_KEYS)})"
+        )
+    template = data.get("template")
+    if not isinstance(template, str) or not template.strip():
+        raise TemplateError(f"prompt format file {path}: 'template' must be a non-empty string")
+    stop = data.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise TemplateError(
+            f"prompt format file {path}: 'stop' must be a list of non-empty strings"
+        )
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise TemplateError(f"prompt format file {path}: 'description' must be a string")
+    return PromptFormat(name=name, template=template, stop=tuple(stop), description=description)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Where a row's user content comes from, and the system message around it.
+
+    `template` (`--template`) fills `{column}` fields from the row and wins over
+    the columns; otherwise the prompt column is used when the row has a value
+    there, else the messages column.  `system` (`--system`) is prepended as a
+    system message unless a row's messages bring their own; an empty string
+    means no system message.  A malformed `template` raises `ConfigError` here.
+    """
+
+    prompt_column: str = "prompt"
+    messages_column: str = "messages"
+    template: str | None = None
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_column or not self.messages_column:
+            raise ConfigError("the prompt and messages column names must not be empty")
+        if self.template is not None:
+            _RowTemplate.parse(self.template)
+
+
+@dataclass(frozen=True)
+class _RowTemplate:
+    """A parsed `--template`: literal text, each piece followed by a column or None.
+
+    The language is deliberately tiny: `{column}` and the escapes `{{` / `}}`.
+    Attribute and index access, positional fields, conversions and format specs
+    are refused, because `str.format` semantics on user strings reach into objects.
+    """
+
+    pieces: tuple[tuple[str, str | None], ...]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns used, in order of first use."""
+        return tuple(dict.fromkeys(column for _, column in self.pieces if column is not None))
+
+    @classmethod
+    def parse(cls, text: str) -> _RowTemplate:
+        """Parse `text`; `ConfigError` naming the offending field if it is not allowed."""
+        if not text:
+            raise ConfigError("--template must not be empty")
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ConfigError(
+                f"--template {text!r}: {exc} (write {{{{ and }}}} for literal braces)"
+            ) from None
+        pieces: list[tuple[str, str | None]] = []
+        for literal, field, format_spec, conversion in parsed:
+            if field is not None:
+                _check_field(text, field, format_spec, conversion)
+            pieces.append((literal, field))
+        return cls(tuple(pieces))
+
+    def fill(self, row: Mapping[str, Any]) -> str:
+        """The template with each field replaced by the row's value; `RowError` if unusable."""
+        parts: list[str] = []
+        for literal, column in self.pieces:
+            parts.append(literal)
+            if column is not None:
+                parts.append(_cell_text(row, column))
+        return "".join(parts)
+
+
+def _check_field(text: str, field: str, format_spec: str | None, conversion: str | None) -> None:
+    where = f"--template {text!r}"
+    if not field or field.isdigit():
+        raise ConfigError(f"{where}: fields must name a column, e.g. {{text}}, not {{{field}}}")
+    if "." in field or "[" in field:
+        raise ConfigError(
+            f"{where}: field {{{field}}} uses attribute or index access; "
+            "only plain column names are allowed"
+        )
+    if conversion is not None:
+        raise ConfigError(f"{where}: field {{{field}!{conversion}}} has a conversion; remove it")
+    if format_spec:
+        raise ConfigError(f"{where}: field {{{field}:{format_spec}}} has a format spec; remove it")
+
+
+def _cell_text(row: Mapping[str, Any], column: str) -> str:
+    if column not in row:
+        raise RowError(f"row has no column {column!r} (used by --template)")
+    value = row[column]
+    if value is None:
+        raise RowError(f"column {column!r} is empty (null)")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, numbers.Number)):
+        return str(value)
+    raise RowError(f"column {column!r} holds a {type(value).__name__}, not text or a number")
+
+
+def _row_messages(value: Any, column: str) -> list[dict[str, str]]:
+    """Validate a row's messages into fresh `{"role", "content"}` dicts."""
+    if isinstance(value, str):
+        # CSV cannot hold a list, so a JSON-encoded one is accepted there.
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowError(f"column {column!r} is text but not a JSON list of messages") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise RowError(f"column {column!r} must be a non-empty list of {{role, content}} messages")
+    messages: list[dict[str, str]] = []
+    for index, message in enumerate(value):
+        where = f"{column}[{index}]"
+        if not isinstance(message, Mapping):
+            raise RowError(f"{where} is a {type(message).__name__}, not a {{role, content}} object")
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLES:
+            raise RowError(f"{where} has role {role!r}; expected one of {', '.join(_ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(f"{where} content is a {type(content).__name__}, not a string")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+class _TemplateRaised(Exception):
+    """Raised by a template's own `raise_exception(...)`."""
+
+
+class _RenderFailure(Exception):
+    """A template failed on one conversation; the caller decides whose fault it is."""
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, failing at once on unsafe attributes instead of
+    returning an undefined value that renders as an empty string."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
+        raise SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise _TemplateRaised(message)
+
+
+def _strftime_now(date_format: str) -> str:
+    return datetime.now().strftime(date_format)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Hugging Face's `tojson`: plain JSON, unlike Jinja's HTML-escaping built-in.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _sandbox() -> _StrictSandbox:
+    """An environment rendering like `transformers`' `apply_chat_template`."""
+    env = _StrictSandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
+    return env
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class PromptBuilder:
+    """Turns input rows into full prompt text for one spec and one format.
+
+    The format's template is compiled, and checked on a one-message conversation,
+    when the builder is made: a template that does not compile, fails on that
+    conversation, ignores the messages, or touches Python internals raises
+    `TemplateError` before any row is read.  After that, `build` raises
+    `RowError` for a problem with one row, and `TemplateError` only if a template
+    attempts an unsafe operation.
+    """
+
+    def __init__(
+        self, spec: PromptSpec, fmt: PromptFormat, *, bos_token: str = "", eos_token: str = ""
+    ) -> None:
+        self.spec = spec
+        self.fmt = fmt
+        self._row_template = (
+            _RowTemplate.parse(spec.template) if spec.template is not None else None
+        )
+        self._system = spec.system or None
+        self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
+        try:
+            self._template = _sandbox().from_string(fmt.template)
+        except (jinja2.TemplateError, RecursionError) as exc:
+            raise TemplateError(
+                f"prompt format {fmt.name!r} does not compile: {_describe(exc)}"
+            ) from None
+        self._check_renders()
+
+    def check_columns(self, columns: Sequence[str]) -> None:
+        """`ConfigError` unless the input's `columns` can supply what rows need.
+
+        With a template, every column it names must exist; otherwise the prompt
+        column or the messages column must.
+        """
+        present = set(columns)
+        available = ", ".join(columns) or "none"
+        if self._row_template is not None:
+            missing = [c for c in self._row_template.columns if c not in present]
+            if missing:
+                names = ", ".join(repr(c) for c in missing)
+                raise ConfigError(
+                    f"--template uses column(s) {names} that the input lacks (columns: {available})"
+                )
+            return
+        if self.spec.prompt_column not in present and self.spec.messages_column not in present:
+            raise ConfigError(
+                f"the input has neither a {self.spec.prompt_column!r} nor a "
+                f"{self.spec.messages_column!r} column (columns: {available})"
+            )
+
+    def build(self, row: Mapping[str, Any]) -> str:
+        """The full prompt text for `row`; `RowError` if the row cannot make one."""
+        messages = self._conversation(row)
+        try:
+            return self._render(messages)
+        except _RenderFailure as exc:
+            raise RowError(f"prompt format {self.fmt.name!r} failed on this row: {exc}") from None
+
+    def _conversation(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        if self._row_template is not None:
+            content = self._row_template.fill(row)
+            if not content:
+                raise RowError("--template produced an empty prompt for this row")
+            return self._with_system([{"role": "user", "content": content}])
+        prompt = row.get(self.spec.prompt_column)
+        if prompt is not None:
+            column = self.spec.prompt_column
+            if not isinstance(prompt, str):
+                raise RowError(f"column {column!r} is a {type(prompt).__name__}, not a string")
+            if not prompt:
+                raise RowError(f"column {column!r} is an empty string")
+            return self._with_system([{"role": "user", "content": prompt}])
+        messages = row.get(self.spec.messages_column)
+        if messages is not None:
+            return self._with_system(_row_messages(messages, self.spec.messages_column))
+        raise RowError(
+            f"row has no value in {self.spec.prompt_column!r} or {self.spec.messages_column!r}"
+        )
+
+    def _with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if self._system is None or any(m["role"] == "system" for m in messages):
+            return messages
+        return [{"role": "system", "content": self._system}, *messages]
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        """Render through the sandbox; `TemplateError` for an unsafe template,
+        `_RenderFailure` for any other failure."""
+        try:
+            # `tools` and `documents` are None as in transformers, for model
+            # templates that test them.
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                tools=None,
+                documents=None,
+                **self._tokens,
+            )
+        except SecurityError as exc:
+            raise TemplateError(
+                f"prompt format {self.fmt.name!r} attempted an unsafe operation and was "
+                f"stopped: {_describe(exc)}"
+            ) from None
+        except _TemplateRaised as exc:
+            raise _RenderFailure(_one_line(exc)) from None
+        except Exception as exc:
+            # Whatever a template does wrong (undefined values, type errors) is a
+            # failure of that template, never of this program.
+            raise _RenderFailure(_describe(exc)) from None
+
+    def _check_renders(self) -> None:
+        probe = self._with_system([{"role": "user", "content": _PROBE_TEXT}])
+        with_system = " with a system message" if self._system is not None else ""
+        try:
+            text = self._render(probe)
+        except _RenderFailure as exc:
+            raise TemplateError(
+                f"prompt format {self.fmt.name!r} cannot render a single user message"
+                f"{with_system}: {exc}"
+            ) from None
+        if _PROBE_TEXT not in text:
+            raise TemplateError(
+                f"prompt format {self.fmt.name!r} does not put the message content into the "
+                "prompt (does its template use messages[i]['content']?)"
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return f"line {exc.lineno}: {_one_line(exc.message)}"
+    if isinstance(exc, jinja2.TemplateError):
+        return _one_line(exc.message or type(exc).__name__)
+    return _one_line(f"{type(exc).__name__}: {exc}")
