@@ -47,7 +47,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.slots <= 240, f"slots must be between 1 and 240, got {self.slots}")
         _check(self.n_ctx_seq >= 16, f"ctx must be at least 16 tokens, got {self.n_ctx_seq}")
-        _check(self.n_batch >= self.slots, f"n_batch ({self.n_batch}) must be >= slots ({self.slots})")
+        _check(
+            self.n_batch >= self.slots, f"n_batch ({self.n_batch}) must be >= slots ({self.slots})"
+        )
         _check(self.n_threads >= 1, f"threads must be >= 1, got {self.n_threads}")
         _check(
             self.flash_attn in FLASH_ATTN_MODES,

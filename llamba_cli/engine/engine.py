@@ -36,7 +36,9 @@ class EngineStats:
 
     requests: int = 0
     prompt_tokens: int = 0  # prompt tokens of admitted requests
-    prompt_tokens_evaluated: int = 0  # prompt tokens llama.cpp actually computed (prefixes included)
+    prompt_tokens_evaluated: int = (
+        0  # prompt tokens llama.cpp actually computed (prefixes included)
+    )
     prompt_tokens_reused: int = 0  # prompt tokens taken from the prefix cache
     label_tokens_evaluated: int = 0  # label-branch tokens computed for classification
     generated_tokens: int = 0
@@ -68,7 +70,9 @@ class Engine:
                 min_tokens=config.prefix_min_tokens,
             )
         self.scheduler = Scheduler(
-            slots=config.slots, n_batch=config.n_batch, prefix_cache=cache,
+            slots=config.slots,
+            n_batch=config.n_batch,
+            prefix_cache=cache,
             lookahead=config.lookahead,
         )
         self.runner = Runner(self.ctx)
@@ -95,7 +99,8 @@ class Engine:
             longest = len(ptoks) + max(len(t) for t in label_tokens) - 1
             if longest > limit:
                 raise RowError(
-                    f"prompt and labels need {longest} tokens; a sequence holds at most {limit} (--ctx)"
+                    f"prompt and labels need {longest} tokens; "
+                    f"a sequence holds at most {limit} (--ctx)"
                 )
         elif len(ptoks) >= limit:
             raise RowError(
@@ -119,7 +124,7 @@ class Engine:
         ctx_len = len(ptoks)
         for full in fulls:
             n = 0
-            for a, b in zip(ptoks, full):
+            for a, b in zip(ptoks, full, strict=False):
                 if a != b:
                     break
                 n += 1
@@ -132,8 +137,12 @@ class Engine:
         return ptoks[:ctx_len], [full[ctx_len:] for full in fulls]
 
     def submit(self, req: Request) -> None:
-        """Queue a request. One that cannot run finishes at once with an error and is
-        returned by the next `step()`."""
+        """Queue a request. One that cannot run finishes at once with an error, and one
+        that arrives already finished (the caller's own error row) passes through; both
+        are returned by the next `step()`, so callers see every request come back."""
+        if req.finished:
+            self._done.append(req)
+            return
         self.stats.requests += 1
         try:
             self.prepare(req)
@@ -199,7 +208,9 @@ class Engine:
             self.ctx.seq_rm(victim.seq_id)
             return
         for req in list(self.scheduler.running):
-            self._finish(req, "error", "sequence does not fit in the KV cache (lower --slots or raise --ctx)")
+            self._finish(
+                req, "error", "sequence does not fit in the KV cache (lower --slots or raise --ctx)"
+            )
 
     def _postprocess(self, plan: Plan, out: StepOutput) -> None:
         gen_reqs: list[Request] = []
@@ -229,7 +240,9 @@ class Engine:
         if req.scorer is not None and chunk.end > req.num_prompt:
             s.label_tokens_evaluated += chunk.end - max(chunk.start, req.num_prompt)
 
-    def _score(self, req: Request, chunk: Chunk, rows: list[tuple[int, int]], logits: np.ndarray) -> None:
+    def _score(
+        self, req: Request, chunk: Chunk, rows: list[tuple[int, int]], logits: np.ndarray
+    ) -> None:
         assert req.scorer is not None
         ctx_len = req.num_prompt
         for pos, row in rows:

@@ -86,7 +86,7 @@ class LabelScorer:
 
 def _common_prefix_len(a: Prefix, b: Prefix) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -8,10 +8,12 @@ Everything above this module speaks Python ints and numpy arrays.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
@@ -110,14 +112,14 @@ class Model:
             self._ptr = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # -- vocabulary -------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, *, add_bos: bool | None = None, special: bool = True
+    ) -> list[int]:
         """Tokens of `text`. BOS is added when the model wants one and `text` does not
         already start with it (chat templates write it themselves)."""
         data = text.encode("utf-8")
@@ -199,13 +201,15 @@ class Batch:
         self._seq_ptrs = (row * capacity)(
             *[ctypes.cast(base + i * stride, row) for i in range(capacity)]
         )
-        self.struct = lc.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(lc.llama_token))
-        self.struct.embd = ctypes.POINTER(ctypes.c_float)()
-        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos))
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.struct.seq_id = self._seq_ptrs
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        # Typed Any: the bindings annotate these fields as arrays, C has pointers.
+        st: Any = lc.llama_batch()
+        st.token = self.token.ctypes.data_as(ctypes.POINTER(lc.llama_token))
+        st.embd = ctypes.POINTER(ctypes.c_float)()
+        st.pos = self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos))
+        st.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        st.seq_id = self._seq_ptrs
+        st.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = st
         self.n_tokens = 0
 
     def set_size(self, n: int) -> None:
@@ -268,10 +272,8 @@ class Context:
             self._ptr = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def decode(self) -> int:
         """Run `llama_decode` on `self.batch`. Returns 0 or 1 (no KV room: nothing was

@@ -79,7 +79,9 @@ class PrefixCache:
     def used_tokens(self) -> int:
         return sum(len(e.tokens) for e in self.entries)
 
-    def lookup(self, prompt: np.ndarray, others: Iterable[np.ndarray]) -> tuple[Hit | None, list[int]]:
+    def lookup(
+        self, prompt: np.ndarray, others: Iterable[np.ndarray]
+    ) -> tuple[Hit | None, list[int]]:
         """Find (or create) the entry whose KV `prompt` should start from.
 
         `prompt` keeps at least its last token to evaluate (its logits are needed).

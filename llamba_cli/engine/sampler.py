@@ -26,7 +26,9 @@ from llamba_cli.engine.request import Request
 _REACH = 30.0
 
 
-def apply_bias_and_penalties(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> None:
+def apply_bias_and_penalties(
+    logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]
+) -> None:
     """In place: logit bias, then repetition/presence/frequency penalties over each
     request's last `repeat_last_n` generated tokens (llama.cpp semantics)."""
     for row, req in zip(rows, reqs, strict=True):

@@ -1,0 +1,258 @@
+"""`JobSpec`: everything a job needs, from a job file, CLI flags, or both.
+
+A job file is TOML.  Keys may sit at the top level or in any of the tables
+`[prompt]`, `[sampling]`, `[engine]`, `[run]` (tables only group keys; names are
+unique across them).  Relative paths are relative to the job file.  CLI flags
+override the file.  The spec is validated once, here, with one clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamba_cli.engine import SamplingParams
+from llamba_cli.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TASKS = ("generate", "classify")
+_PATH_KEYS = ("input", "output", "model", "metrics_json", "json_schema", "grammar", "labels_file")
+_TABLES = ("prompt", "sampling", "engine", "run", "classify")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    task: str
+    input: str
+    output: str | None = None
+    model: str | None = None  # None: the embedded Gemma 3 270M
+    # prompt
+    id_column: str | None = None
+    prompt_column: str = "prompt"
+    messages_column: str = "messages"
+    template: str | None = None
+    system: str | None = None
+    format: str = "auto"
+    keep_columns: tuple[str, ...] = ()
+    # sampling
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    n: int = 1
+    json_schema: str | None = None
+    grammar: str | None = None
+    # classification
+    labels: tuple[str, ...] = ()
+    labels_file: str | None = None
+    label_delimiter: str = " "
+    # engine
+    slots: int = 16
+    ctx: int = 2048
+    n_batch: int = 512
+    threads: int | None = None
+    flash_attn: str = "auto"
+    n_gpu_layers: int = -1
+    prefix_cache: bool = True
+    # run control
+    limit: int | None = None
+    shard: str | None = None  # "I/N"
+    overwrite: bool = False
+    retry_errors: bool = False
+    max_errors: int | None = None
+    flush_rows: int = 256
+    flush_seconds: float = 10.0
+    metrics_json: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.n < 1:
+            raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.task == "classify":
+            if self.n != 1:
+                raise ConfigError("n applies to generate only")
+            if self.json_schema or self.grammar:
+                raise ConfigError("json-schema and grammar apply to generate only")
+        if self.json_schema and self.grammar:
+            raise ConfigError("give either --json-schema or --grammar, not both")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ConfigError(f"max-errors must be >= 0, got {self.max_errors}")
+        if self.flush_rows < 1 or self.flush_seconds <= 0:
+            raise ConfigError("flush-rows must be >= 1 and flush-seconds > 0")
+        self.shard_index()  # validates the shard spelling
+        self.sampling()  # validates sampling values
+
+    # -- derived --------------------------------------------------------------------
+
+    def shard_index(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        try:
+            i_s, n_s = self.shard.split("/")
+            i, n = int(i_s), int(n_s)
+        except ValueError:
+            raise ConfigError(f"shard must look like I/N (e.g. 0/4), got {self.shard!r}") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"shard I/N needs 0 <= I < N, got {self.shard!r}")
+        return i, n
+
+    def sampling(self, seed: int | None = None, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            max_tokens=self.max_tokens,
+            stop=tuple(dict.fromkeys(self.stop + extra_stop)),
+            seed=seed,
+        )
+
+    def label_list(self) -> tuple[str, ...]:
+        """The label set: `labels`, or one label per non-empty line of `labels_file`."""
+        if self.labels_file:
+            try:
+                text = Path(self.labels_file).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot read labels file {self.labels_file}: {e.strerror or e}"
+                ) from None
+            return tuple(line.strip() for line in text.splitlines() if line.strip())
+        return self.labels
+
+    def fingerprint(self, model_identity: dict[str, Any], prompt_format: str) -> dict[str, Any]:
+        """What determines the output's content. Resuming with a different one is refused."""
+        fp: dict[str, Any] = {
+            "task": self.task,
+            "model": model_identity,
+            "format": prompt_format,
+            "prompt": {
+                "prompt_column": self.prompt_column,
+                "messages_column": self.messages_column,
+                "template": self.template,
+                "system": self.system,
+                "keep_columns": list(self.keep_columns),
+            },
+            "seed": self.seed,
+        }
+        if self.task == "generate":
+            s = dataclasses.asdict(self.sampling())
+            s.pop("seed")
+            fp["sampling"] = s
+            fp["n"] = self.n
+            fp["constraint"] = _file_digest(self.json_schema or self.grammar)
+        else:
+            fp["labels"] = list(self.label_list())
+            fp["label_delimiter"] = self.label_delimiter
+        return fp
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(JobSpec) if f.name != "extra"}
+
+
+def load_job_file(path: str | Path) -> dict[str, Any]:
+    """Read a job file into a flat dict of JobSpec fields (paths made absolute)."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"job file not found: {p}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read job file {p}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"job file {p} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _TABLES and isinstance(value, dict):
+            for k, v in value.items():
+                _put(flat, k, v, p)
+        else:
+            _put(flat, key, value, p)
+    for key in _PATH_KEYS:
+        if isinstance(flat.get(key), str) and not Path(flat[key]).expanduser().is_absolute():
+            flat[key] = str((p.parent / flat[key]).resolve())
+    return flat
+
+
+def _put(flat: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    key = key.replace("-", "_")
+    if key not in _FIELDS:
+        known = ", ".join(sorted(_FIELDS))
+        raise ConfigError(f"unknown key {key!r} in job file {path} (known keys: {known})")
+    if key in flat:
+        raise ConfigError(f"key {key!r} is set twice in job file {path}")
+    flat[key] = value
+
+
+def build_spec(values: dict[str, Any]) -> JobSpec:
+    """A JobSpec from flat values (job file merged with CLI overrides), type-checked."""
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        f = _FIELDS.get(key)
+        if f is None:
+            raise ConfigError(f"unknown job setting {key!r}")
+        clean[key] = _coerce(key, value, str(f.type))
+    for required in ("task", "input"):
+        if required not in clean:
+            raise ConfigError(f"a job needs {required!r}")
+    return JobSpec(**clean)
+
+
+def _coerce(key: str, value: Any, type_name: str) -> Any:
+    def bad(kind: str) -> ConfigError:
+        return ConfigError(f"{key} must be {kind}, got {value!r}")
+
+    if "tuple" in type_name:
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    if type_name.startswith("bool"):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if type_name.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if type_name.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if type_name.startswith("str"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    return value
