@@ -43,6 +43,7 @@ class EngineConfig:
     prefix_cache_tokens: int = 4096
     prefix_min_tokens: int = 16
     lookahead: int = 64
+    kv_cells: int | None = None  # override the unified KV size (default: see n_ctx)
 
     def __post_init__(self) -> None:
         _check(1 <= self.slots <= 240, f"slots must be between 1 and 240, got {self.slots}")
@@ -61,6 +62,8 @@ class EngineConfig:
     @property
     def n_ctx(self) -> int:
         """Total KV cells of the unified cache."""
+        if self.kv_cells is not None:
+            return self.kv_cells
         reserve = self.prefix_cache_tokens if self.prefix_cache else 0
         return self.slots * self.n_ctx_seq + reserve
 

@@ -32,7 +32,6 @@ class PrefixEntry:
     array: np.ndarray
     num_computed: int = 0
     last_used: int = 0
-    uses: int = 0
     score_from: int = -1
 
     @property
@@ -74,6 +73,11 @@ class PrefixCache:
         self.min_tokens = min_tokens
         self.entries: list[PrefixEntry] = []
         self._clock = 0
+        self._pinned: set[int] = set()  # seq ids of entries shared during this step
+
+    def begin_step(self) -> None:
+        """Entries shared in the previous step may be evicted again."""
+        self._pinned.clear()
 
     @property
     def used_tokens(self) -> int:
@@ -99,7 +103,8 @@ class PrefixCache:
                 best = Hit(e, n)
         if best is not None:
             best.entry.last_used = self._clock
-            best.entry.uses += 1
+            if best.ready:
+                self._pinned.add(best.entry.seq_id)
             return best, []
         shared = 0
         for other in others:
@@ -111,16 +116,18 @@ class PrefixCache:
             return None, evicted
         tokens = usable[:shared].tolist()
         entry = PrefixEntry(
-            self.free_ids.pop(), tokens, usable[:shared].copy(), last_used=self._clock, uses=1
+            self.free_ids.pop(), tokens, usable[:shared].copy(), last_used=self._clock
         )
         self.entries.append(entry)
         return Hit(entry, shared), evicted
 
     def _make_room(self, n_tokens: int) -> list[int]:
         evicted: list[int] = []
-        self.entries.sort(key=lambda e: e.last_used)
-        while self.entries and (not self.free_ids or self.used_tokens + n_tokens > self.budget):
-            evicted.append(self._drop(self.entries[0]))
+        candidates = sorted(
+            (e for e in self.entries if e.seq_id not in self._pinned), key=lambda e: e.last_used
+        )
+        while candidates and (not self.free_ids or self.used_tokens + n_tokens > self.budget):
+            evicted.append(self._drop(candidates.pop(0)))
         return evicted
 
     def _drop(self, entry: PrefixEntry) -> int:

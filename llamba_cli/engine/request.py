@@ -97,4 +97,4 @@ class Request:
         self.finish_reason = reason
         self.error = error
         if self.stream is not None:
-            self.text = self.stream.text
+            self.text = self.stream.close()

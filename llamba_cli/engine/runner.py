@@ -25,11 +25,15 @@ class Runner:
         self.ctx = ctx
 
     def apply_kv_ops(self, plan: Plan) -> None:
-        """Evictions, then prefix sharing: both must precede the decode that relies on them."""
-        for seq in plan.evict:
-            self.ctx.seq_rm(seq)
+        """Prefix sharing, then evictions, both before the decode that relies on them.
+
+        Copies go first: an entry shared with a request this step may also be evicted
+        this step (its sequence id reused for a new entry); the request keeps the
+        cells it was given."""
         for src, dst, n in plan.copies:
             self.ctx.seq_cp(src, dst, 0, n)
+        for seq in plan.evict:
+            self.ctx.seq_rm(seq)
 
     def run(self, chunks: list[Chunk]) -> StepOutput | None:
         """Decode `chunks` as one batch. None when the KV cache had no room (nothing

@@ -50,30 +50,59 @@ def apply_bias_and_penalties(
             logits[row, toks] = x
 
 
-def sample_row(row: np.ndarray, req: Request) -> int:
-    """Draw one token from one row of logits with the request's own generator."""
+def _top_k_candidates(row: np.ndarray, m: float, k: int, reach: float) -> np.ndarray:
+    """Indices of the `k` largest logits (all within `reach` of the max if k == 0)."""
+    if k > 0:
+        # A tight cut usually holds k tokens already, and then it holds the top k.
+        cand = np.flatnonzero(row >= m - 10.0)
+        if len(cand) < k:
+            cand = np.flatnonzero(row >= m - reach)
+        if len(cand) > k:
+            cand = cand[np.argpartition(-row[cand], k - 1)[:k]]
+        return cand
+    return np.flatnonzero(row >= m - reach)
+
+
+def _top_p_prefix(cand: np.ndarray, w: np.ndarray, mass: float) -> np.ndarray:
+    """The fewest highest-weight candidates whose weights reach `mass`."""
+    if len(cand) > 1024:
+        # Sort only the heaviest 1024 when they already reach the mass (the usual case).
+        top = np.argpartition(-w, 1023)[:1024]
+        if w[top].sum() >= mass:
+            cand, w = cand[top], w[top]
+    order = np.argsort(-w, kind="stable")
+    n = int(np.searchsorted(np.cumsum(w[order]), mass)) + 1
+    return cand[order[:n]]
+
+
+def sample_row(row: np.ndarray, req: Request, m: float) -> int:
+    """Draw one token from one row of logits (max `m`) with the request's generator.
+
+    llama.cpp's order: top-k, then top-p over the top-k survivors' softmax, then min-p
+    (relative to the max), all on untempered logits; then temperature.  Top-p and
+    min-p each keep a prefix of the sorted survivors, so the result is the shorter
+    prefix, and only that part is ever sorted.
+    """
     p = req.params
     t = p.temperature
-    m = float(row.max())
-    thr = m - _REACH * max(t, 1.0)
+    cand = _top_k_candidates(row, m, p.top_k, _REACH * max(t, 1.0))
+    if p.min_p > 0 or p.top_p < 1.0:
+        vals = row[cand].astype(np.float64)
+        w = np.exp(vals - m)  # untempered weights, max 1
     if p.min_p > 0:
-        thr = max(thr, m + math.log(p.min_p))
-    cand = np.flatnonzero(row >= thr)
-    vals = row[cand].astype(np.float64)
-    if 0 < p.top_k < len(cand):
-        keep = np.argpartition(-vals, p.top_k - 1)[: p.top_k]
-        cand, vals = cand[keep], vals[keep]
-    order = np.argsort(-vals, kind="stable")
-    cand, vals = cand[order], vals[order]
-    if p.top_p < 1.0:
-        probs = np.exp(vals - m)
-        cum = np.cumsum(probs)
-        n = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1
-        cand, vals = cand[:n], vals[:n]
-    w = np.exp((vals - m) / t)
+        inside = vals >= m + math.log(p.min_p)
+        if p.top_p < 1.0 and w[inside].sum() >= p.top_p * w.sum():
+            cand = _top_p_prefix(cand[inside], w[inside], p.top_p * w.sum())
+        else:
+            cand = cand[inside]
+    elif p.top_p < 1.0:
+        cand = _top_p_prefix(cand, w, p.top_p * w.sum())
+    # float32 exponent (values <= 0), float64 running sum for the draw.
+    tw = np.exp((row[cand] - np.float32(m)) * np.float32(1.0 / t))
+    cum = np.cumsum(tw, dtype=np.float64)
     assert req.rng is not None
-    u = req.rng.random() * float(w.sum())
-    i = min(int(np.searchsorted(np.cumsum(w), u, side="right")), len(cand) - 1)
+    u = req.rng.random() * float(cum[-1])
+    i = min(int(np.searchsorted(cum, u, side="right")), len(cand) - 1)
     return int(cand[i])
 
 
@@ -94,5 +123,6 @@ def sample(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> 
             out[i] = tok
     for i, req in enumerate(reqs):
         if not req.params.greedy:
-            out[i] = sample_row(logits[rows[i]], req)
+            row = logits[rows[i]]  # a view: indexing rows one by one copies nothing
+            out[i] = sample_row(row, req, float(row.max()))
     return out

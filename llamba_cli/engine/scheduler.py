@@ -70,6 +70,9 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.lookahead = lookahead
         self._arrays: dict[int, np.ndarray] = {}
+        # After a preemption, admit nothing until a request finishes: re-admitting the
+        # victim at once would recreate the KV demand that just failed.
+        self._hold_admission = False
 
     def add(self, req: Request) -> None:
         """Queue a request whose `tokens` hold its prompt."""
@@ -101,8 +104,10 @@ class Scheduler:
         return plan
 
     def _admit(self, plan: Plan) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.begin_step()
         deferred: list[Request] = []
-        while self.free_seqs and self.waiting:
+        while self.free_seqs and self.waiting and not self._hold_admission:
             req = self.waiting.popleft()
             if self.prefix_cache is not None and req.num_computed == 0:
                 hit, evicted = self.prefix_cache.lookup(self._array(req), self._others(req))
@@ -140,6 +145,7 @@ class Scheduler:
         """Return a finished request's slot (the engine has dropped its KV)."""
         self.running.remove(req)
         self.free_seqs.append(req.seq_id)
+        self._hold_admission = False
         self._arrays.pop(id(req), None)
 
     def preempt(self) -> Request | None:
@@ -153,4 +159,5 @@ class Scheduler:
         req.cached_tokens = 0
         req.status = Status.WAITING
         self.waiting.appendleft(req)
+        self._hold_admission = True
         return req

@@ -54,12 +54,18 @@ class TextStream:
         self._parts = [text[: len(text) - n]]
         self._len = len(self._parts[0])
 
-    @property
-    def text(self) -> str:
+    def close(self) -> str:
+        """Flush bytes held back for an incomplete character (as U+FFFD) and return the
+        final text. Call once, when the sequence ends."""
         if not self.stopped:
             rest = self._decoder.decode(b"", final=True)
             if rest:
                 self._append(rest)
+        return self.text
+
+    @property
+    def text(self) -> str:
+        """Text so far (an incomplete trailing character is not included yet)."""
         if len(self._parts) > 1:
             self._parts = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
