@@ -497,7 +497,9 @@ def _print_summary(s: JobSummary) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every known failure into one line."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode, click returns an Exit's code instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
