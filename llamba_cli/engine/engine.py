@@ -20,14 +20,17 @@ import numpy as np
 
 from llamba_cli.engine.config import EngineConfig
 from llamba_cli.engine.labels import LabelScorer
-from llamba_cli.engine.llama import Context, Model
+from llamba_cli.engine.llama import Context, Grammar, Model
 from llamba_cli.engine.prefix_cache import PrefixCache
 from llamba_cli.engine.request import Request, Status
 from llamba_cli.engine.runner import Runner, StepOutput
 from llamba_cli.engine.sampler import sample
 from llamba_cli.engine.scheduler import Chunk, Plan, Scheduler
 from llamba_cli.engine.text import TextStream
-from llamba_cli.errors import RowError
+from llamba_cli.errors import ConfigError, RowError
+
+# Compiled grammars kept for cloning, by text; a job uses one, a library caller a few.
+_GRAMMAR_CACHE = 8
 
 
 @dataclass
@@ -78,8 +81,12 @@ class Engine:
         self.runner = Runner(self.ctx)
         self.stats = EngineStats()
         self._done: list[Request] = []
+        self._grammars: dict[str, Grammar] = {}
 
     def close(self) -> None:
+        for grammar in self._grammars.values():
+            grammar.close()
+        self._grammars.clear()
         self.ctx.close()
 
     # -- submitting ---------------------------------------------------------------
@@ -88,7 +95,7 @@ class Engine:
         """Tokenize `req` and set up its text stream / label scorer.
 
         Raises RowError when the request cannot run (empty or too-long prompt, a label
-        with no tokens after the prompt)."""
+        with no tokens after the prompt, a grammar llama.cpp cannot parse)."""
         ptoks = self.model.tokenize(req.prompt)
         limit = self.config.n_ctx_seq
         if not ptoks:
@@ -111,6 +118,24 @@ class Engine:
         req.num_prompt = len(ptoks)
         req.stream = TextStream(req.params.stop)
         req.rng = np.random.default_rng(req.params.seed)
+        if req.grammar_text is not None:
+            if req.labels is not None:
+                raise RowError("a grammar applies to generation, not to classification")
+            req.grammar = self._grammar(req.grammar_text).clone()
+
+    def _grammar(self, text: str) -> Grammar:
+        """The compiled grammar for `text` (parsed once, then cloned per request)."""
+        compiled = self._grammars.get(text)
+        if compiled is None:
+            try:
+                compiled = Grammar(self.model, text)
+            except ConfigError as e:
+                raise RowError(str(e)) from None
+            if len(self._grammars) >= _GRAMMAR_CACHE:
+                oldest = next(iter(self._grammars))
+                self._grammars.pop(oldest).close()
+            self._grammars[text] = compiled
+        return compiled
 
     def _label_tokens(self, req: Request, ptoks: list[int]) -> tuple[list[int], list[list[int]]]:
         """Context tokens and each label's tokens *as they follow the prompt*.
@@ -264,9 +289,14 @@ class Engine:
 
     def _accept(self, req: Request, tok: int) -> None:
         p = req.params
+        if tok < 0:  # the sampler found no token the request's grammar allows
+            self._finish(req, "error", "the grammar allows no next token")
+            return
         if self.model.eog_mask[tok] and not p.ignore_eos:
             self._finish(req, "stop")
             return
+        if req.grammar is not None and not self.model.eog_mask[tok]:
+            req.grammar.accept(tok)
         req.tokens.append(tok)
         req.completion_tokens += 1
         self.stats.generated_tokens += 1
@@ -277,8 +307,26 @@ class Engine:
             self._finish(req, "length")
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.grammar is not None:
+            # End-of-generation is sampled only where the grammar is complete; a stop
+            # string, max_tokens or the context can cut the output anywhere.
+            if error is None and reason != "error" and not req.grammar.complete():
+                error = _incomplete(req, reason)
+            req.grammar.close()
+            req.grammar = None
         if req.status is Status.RUNNING:
             self.ctx.seq_rm(req.seq_id)
             self.scheduler.release(req)
         req.finish(reason, error)
         self._done.append(req)
+
+
+def _incomplete(req: Request, reason: str) -> str:
+    """Why a constrained request ended (`reason` "stop" or "length") before its output
+    completed the grammar.  End-of-generation is allowed only on completion, so an
+    incomplete "stop" was a stop string."""
+    if reason == "stop":
+        return "a stop string ended the output before it completed the grammar"
+    if req.completion_tokens >= req.params.max_tokens:
+        return "output did not complete the grammar within max-tokens"
+    return "output did not complete the grammar before the sequence filled its context"

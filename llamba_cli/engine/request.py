@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llamba_cli.engine.config import SamplingParams
 from llamba_cli.engine.labels import LabelScorer
 from llamba_cli.engine.text import TextStream
+
+if TYPE_CHECKING:
+    from llamba_cli.engine.llama import Grammar
 
 
 class Status(enum.Enum):
@@ -34,13 +37,16 @@ class Request:
     Inputs: `id` (any caller key), `prompt` (text, tokenized by the engine with the
     model's BOS rule and special tokens parsed), `params`, `labels` (label texts to
     score as continuations of the prompt, `label_delimiter` joining them), `sample`
-    (a caller tag, e.g. which of n samples).
+    (a caller tag, e.g. which of n samples), `grammar_text` (GBNF, start symbol
+    `root`: every generated token keeps the output a prefix of the grammar's language,
+    and the request ends by end-of-generation only once the output is complete).
 
     Results, set when `status` is FINISHED: `text`, `finish_reason` ("stop",
     "length" or "error"), `error`, `prompt_tokens`, `completion_tokens`,
     `cached_tokens` (prompt tokens reused from the prefix cache), and for
     classification `label_logprobs` (log P(label | prompt), summed over the label's
-    tokens, in label order).
+    tokens, in label order).  A constrained request that stops short of completing
+    its grammar (length, context, stop string) also gets an `error`.
     """
 
     id: Any
@@ -49,6 +55,7 @@ class Request:
     labels: tuple[str, ...] | None = None
     label_delimiter: str = " "
     sample: int = 0
+    grammar_text: str | None = None
 
     # -- engine state -------------------------------------------------------------
     status: Status = Status.WAITING
@@ -61,6 +68,7 @@ class Request:
     stream: TextStream | None = None
     scorer: LabelScorer | None = None
     rng: np.random.Generator | None = None
+    grammar: Grammar | None = None  # this request's own parse state; freed when it finishes
 
     # -- results ------------------------------------------------------------------
     text: str = ""

@@ -10,20 +10,34 @@ So nothing here sorts or exponentiates the vocabulary: each row is first cut to 
 tokens within reach of its maximum (`max - 30 * max(T, 1)`: everything below has
 relative probability < e^-30, and min-p tightens the cut), and the chain runs on
 those few candidates.
+
+Constrained requests (a grammar) follow llama.cpp's common sampler: the usual chain
+draws a token, and only that token is checked against the grammar.  Only when it is
+rejected does the grammar look at more of the row, never the whole vocabulary at
+once: the tokens whose first byte it allows when they are few, else the row's top
+candidates; the chain draws again from the tokens it allows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llamba_cli.engine.request import Request
 
+if TYPE_CHECKING:
+    from llamba_cli.engine.llama import Grammar
+
 # Tokens more than this many (tempered) nats below the row's max are dropped
 # before any sort: their total mass is < V * e^-30 ~ 3e-8 of the top token's.
 _REACH = 30.0
+
+# When the chain's draw is rejected and many tokens could follow, the grammar is
+# asked about about this many of the row's highest logits before anything else.
+GRAMMAR_CANDIDATES = 2048
 
 
 def apply_bias_and_penalties(
@@ -125,4 +139,61 @@ def sample(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> 
         if not req.params.greedy:
             row = logits[rows[i]]  # a view: indexing rows one by one copies nothing
             out[i] = sample_row(row, req, float(row.max()))
+    for i, req in enumerate(reqs):
+        if req.grammar is not None:
+            out[i] = apply_grammar(logits[rows[i]], req, req.grammar, out[i])
     return out
+
+
+def apply_grammar(row: np.ndarray, req: Request, grammar: Grammar, token: int) -> int:
+    """`token` (the chain's draw from `row`) if `grammar` allows it, else a new draw.
+
+    The redraw runs the same chain (argmax when greedy) on `row` restricted to the
+    allowed tokens, as if every other logit were -inf.  Where few tokens can follow
+    (structure: punctuation, keys, enum values) the allowed set is exact, from the
+    grammar's byte-level candidates; where many can (inside a string) it is the allowed
+    part of about the row's `GRAMMAR_CANDIDATES` highest logits, and all candidates only
+    if none of those is allowed.  A redraw takes the next number of the request's own
+    random stream, so results stay seeded and independent of the batch.  Returns -1
+    when the grammar allows no token (with a finite logit) at all.
+    """
+    if grammar.allows(token):
+        return token
+    keep: np.ndarray = np.zeros(0, dtype=np.int32)
+    cand = grammar.candidates(limit=2 * GRAMMAR_CANDIDATES)
+    if cand is None:
+        top = _top_candidates(row, GRAMMAR_CANDIDATES)
+        # -inf marks a token banned by logit bias: allowed or not, it stays out.
+        keep = top[grammar.allowed(top) & (row[top] > -np.inf)]
+        if not len(keep):
+            cand = grammar.candidates()
+    if cand is not None:
+        keep = cand[grammar.allowed(cand) & (row[cand] > -np.inf)]
+    if not len(keep):
+        return -1
+    # In token order, the allowed logits are the masked row without its -inf entries:
+    # the chain sees the same candidates in the same order, at a fraction of the cost.
+    keep.sort()
+    values = row[keep]
+    if req.params.greedy:
+        return int(keep[int(np.argmax(values))])
+    return int(keep[sample_row(values, req, float(values.max()))])
+
+
+def _top_candidates(row: np.ndarray, k: int) -> np.ndarray:
+    """About the `k` highest logits of `row` (at least k/2 of them, at most 2k).
+
+    A full `argpartition` of a 262,144-token row costs ~1 ms; the k-th largest value of
+    every 16th logit estimates the cut instead, and one comparison applies it.
+    """
+    n = len(row)
+    if n <= 2 * k:
+        return np.arange(n)
+    step = 16
+    sample = row[::step]
+    kk = max(1, k // step)
+    cut = np.partition(sample, len(sample) - kk)[len(sample) - kk]
+    cand = np.flatnonzero(row >= cut)
+    if len(cand) < k // 2 or len(cand) > 2 * k:  # a skewed sample: do it exactly
+        cand = np.argpartition(row, n - k)[n - k :]
+    return cand

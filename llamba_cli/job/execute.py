@@ -22,8 +22,10 @@ from llamba_cli.errors import ConfigError, OutputError, RowError
 from llamba_cli.job.models import model_identity, resolve_model_path
 from llamba_cli.job.prompts import PromptBuilder, PromptSpec, format_from_gguf, load_format
 from llamba_cli.job.readers import InputRow, InputSource, open_input
+from llamba_cli.job.seen import SeenIds
 from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.store import OutputStore
+from llamba_cli.job.structured import Constraint, load_constraint
 
 
 class ProgressSink(Protocol):
@@ -119,8 +121,12 @@ class Job:
                 f"--keep-columns: no column {missing[0]!r} in {self.source.path.name} "
                 f"(columns: {', '.join(self.source.columns)})"
             )
+        # Read and convert before the model loads, compile against its vocabulary after.
+        self.constraint: Constraint | None = load_constraint(spec.json_schema, spec.grammar)
         self.model_path = resolve_model_path(spec.model)
         self.model = model or Model(self.model_path, n_gpu_layers=spec.n_gpu_layers)
+        if self.constraint is not None:
+            self.constraint.check(self.model)
         self.format = self._prompt_format()
         self.builder = PromptBuilder(
             PromptSpec(
@@ -172,18 +178,17 @@ class Job:
     def rows(self, store: OutputStore | None, summary: JobSummary) -> Iterator[InputRow]:
         """Input rows this run should process: shard, duplicates, done and limit applied."""
         shard = self.spec.shard_index()
-        seen: set[int] = set()
+        seen = SeenIds()
         taken = 0
         for row in self.source:
             h = id_hash(row.id)
             if shard is not None and h % shard[1] != shard[0]:
                 continue
-            if h in seen:
+            if not seen.add(h):
                 summary.duplicates += 1
                 if len(summary.duplicate_examples) < 5:
                     summary.duplicate_examples.append(row.id)
                 continue
-            seen.add(h)
             if store is not None and store.is_done(row.id):
                 summary.skipped_done += 1
                 continue
@@ -307,6 +312,7 @@ class _ResultWriter:
         spec = self.job.spec
         seq = 0
         labels = self.job.labels
+        grammar = self.job.constraint.gbnf if self.job.constraint is not None else None
         for row in self.job.rows(self.store, self.summary):
             try:
                 prompt, error = self.job.prompt(row), None
@@ -321,6 +327,7 @@ class _ResultWriter:
                     labels=labels,
                     label_delimiter=spec.label_delimiter,
                     sample=sample,
+                    grammar_text=grammar,
                 )
                 if error is not None:
                     req.finish("error", error)
@@ -341,9 +348,19 @@ class _ResultWriter:
         out: dict[str, Any] = {"id": row.id}
         if spec.n > 1:
             out["sample"] = sample
+        constraint = self.job.constraint
+        with_json = constraint is not None and constraint.is_json
+        json_value: Any = None
+        if constraint is not None and with_json and req.error is None:
+            try:
+                json_value = constraint.json_value(req.text, self.store.format)
+            except ValueError as e:  # the grammar rules this out; never pass broken JSON on
+                req.error = f"output is not valid JSON: {e}"
         if self.job.labels is None:
+            out["text"] = req.text if req.error is None else None
+            if with_json:
+                out["json"] = json_value
             out.update(
-                text=req.text if req.error is None else None,
                 finish_reason=req.finish_reason,
                 prompt_tokens=req.prompt_tokens,
                 completion_tokens=req.completion_tokens,

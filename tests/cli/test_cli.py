@@ -21,7 +21,10 @@ SAMPLE = REPO / "sample_data"
 def llamba(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "llamba_cli", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, **(env or {})},
     )
 
@@ -30,8 +33,22 @@ def test_generate_through_typer_runner(tmp_path):
     out = tmp_path / "gen.parquet"
     result = CliRunner().invoke(
         app,
-        ["generate", str(SAMPLE / "prompts.jsonl"), "-o", str(out), "--limit", "5",
-         "--temperature", "0", "--max-tokens", "8", "--slots", "4", "--keep-columns", "prompt"],
+        [
+            "generate",
+            str(SAMPLE / "prompts.jsonl"),
+            "-o",
+            str(out),
+            "--limit",
+            "5",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--slots",
+            "4",
+            "--keep-columns",
+            "prompt",
+        ],
     )
     assert result.exit_code == 0, result.output
     rows = pq.read_table(out).to_pylist()
@@ -45,8 +62,16 @@ def test_generate_through_typer_runner(tmp_path):
 def test_classify_jsonl_output_has_probabilities(tmp_path):
     out = tmp_path / "labels.jsonl"
     proc = llamba(
-        "classify", str(SAMPLE / "reviews.csv"), "--labels", "positive,negative",
-        "--template", "Review: {text}\nSentiment:", "-o", str(out), "--slots", "4",
+        "classify",
+        str(SAMPLE / "reviews.csv"),
+        "--labels",
+        "positive,negative",
+        "--template",
+        "Review: {text}\nSentiment:",
+        "-o",
+        str(out),
+        "--slots",
+        "4",
     )
     assert proc.returncode == 0, proc.stderr
     rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
@@ -61,7 +86,9 @@ def test_classify_jsonl_output_has_probabilities(tmp_path):
 @pytest.mark.parametrize("job", ["generate.toml", "classify.toml"])
 def test_example_jobs_run(tmp_path, job):
     out = tmp_path / f"{job}.parquet"
-    proc = llamba("run", str(REPO / "jobs" / job), "-o", str(out), "--metrics-json", str(tmp_path / "m.json"))
+    proc = llamba(
+        "run", str(REPO / "jobs" / job), "-o", str(out), "--metrics-json", str(tmp_path / "m.json")
+    )
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(out)
     assert table.num_rows == 32 if job == "generate.toml" else 16
@@ -81,14 +108,48 @@ def test_classify_job_is_mostly_right_on_sample_reviews(tmp_path):
 
 BAD_CASES = [
     (["generate", "sample_data/missing.jsonl", "-o", "x.parquet"], "no such file"),
-    (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--prompt-column", "nope"], "nope"),
-    (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--bogus-flag"], "No such option"),
-    (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--model", "/nonexistent.gguf"], "model file not found"),
-    (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--model", "README.md"], "not a GGUF"),
+    (
+        ["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--prompt-column", "nope"],
+        "nope",
+    ),
+    (
+        ["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--bogus-flag"],
+        "No such option",
+    ),
+    (
+        [
+            "generate",
+            "sample_data/prompts.jsonl",
+            "-o",
+            "x.parquet",
+            "--model",
+            "/nonexistent.gguf",
+        ],
+        "model file not found",
+    ),
+    (
+        ["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--model", "README.md"],
+        "not a GGUF",
+    ),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.txt"], "x.txt"),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--top-p", "2"], "top-p"),
-    (["classify", "sample_data/reviews.parquet", "-o", "x.parquet", "--labels", "a,a", "--template", "{text}"], "duplicate label"),
-    (["classify", "sample_data/reviews.parquet", "-o", "x.parquet", "--template", "{text}"], "needs labels"),
+    (
+        [
+            "classify",
+            "sample_data/reviews.parquet",
+            "-o",
+            "x.parquet",
+            "--labels",
+            "a,a",
+            "--template",
+            "{text}",
+        ],
+        "duplicate label",
+    ),
+    (
+        ["classify", "sample_data/reviews.parquet", "-o", "x.parquet", "--template", "{text}"],
+        "needs labels",
+    ),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--format", "nope"], "nope"),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--shard", "3/2"], "shard"),
     (["run", "jobs/missing.toml"], "job file not found"),
@@ -97,7 +158,12 @@ BAD_CASES = [
 
 @pytest.mark.parametrize("args,needle", BAD_CASES, ids=[c[1] for c in BAD_CASES])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
-    args = [a.replace("x.parquet", str(tmp_path / "x.parquet")).replace("x.txt", str(tmp_path / "x.txt")) for a in args]
+    args = [
+        a.replace("x.parquet", str(tmp_path / "x.parquet")).replace(
+            "x.txt", str(tmp_path / "x.txt")
+        )
+        for a in args
+    ]
     proc = llamba(*args)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -108,8 +174,17 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, needle):
 
 
 def test_dry_run_renders_prompts_without_output(tmp_path):
-    proc = llamba("generate", "sample_data/prompts.jsonl", "--dry-run", "--limit", "2",
-                  "--system", "You write well.", "-o", str(tmp_path / "o.parquet"))
+    proc = llamba(
+        "generate",
+        "sample_data/prompts.jsonl",
+        "--dry-run",
+        "--limit",
+        "2",
+        "--system",
+        "You write well.",
+        "-o",
+        str(tmp_path / "o.parquet"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "p000" in proc.stdout and "You write well." in proc.stdout
     assert not (tmp_path / "o.parquet").exists()

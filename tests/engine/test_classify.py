@@ -42,7 +42,10 @@ def reference_logprobs(llm, prompt: str, labels: tuple[str, ...]) -> list[float]
     ptoks = tok(prompt)
     fulls = [tok(prompt + " " + lab) for lab in labels]
     ctx = min(
-        min(next((i for i, (a, b) in enumerate(zip(ptoks, f, strict=False)) if a != b), len(ptoks)), len(f) - 1)
+        min(
+            next((i for i, (a, b) in enumerate(zip(ptoks, f, strict=False)) if a != b), len(ptoks)),
+            len(f) - 1,
+        )
         for f in fulls
     )
     out = []

@@ -128,7 +128,11 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(make_engine):
     alone = run(make_engine(slots=1, prefix_cache=False), prompts[:1], params)[0]
     again = run(make_engine(slots=1, prefix_cache=False), prompts[:1], params)[0]
     crowd = run(make_engine(slots=4, prefix_cache=False), prompts, params)[0]
-    other_seed = run(make_engine(slots=1, prefix_cache=False), prompts[:1], SamplingParams(temperature=0.8, max_tokens=16, seed=99))[0]
+    other_seed = run(
+        make_engine(slots=1, prefix_cache=False),
+        prompts[:1],
+        SamplingParams(temperature=0.8, max_tokens=16, seed=99),
+    )[0]
     assert alone.text == again.text
     # The row draws from its own stream, so other rows in the batch do not change its
     # draws; only llama.cpp's batch-shape noise could move a draw across a boundary.

@@ -22,14 +22,20 @@ FAST = ["--slots", "4", "--max-tokens", "6", "--temperature", "0"]
 def llamba(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "llamba_cli", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600, **kw,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
     )
 
 
 def write_prompts(path: Path, n: int, *, start: int = 0) -> Path:
     with path.open("wb") as f:
         for i in range(start, start + n):
-            f.write(orjson.dumps({"id": f"row{i}", "prompt": f"Fact number {i} about the sea:"}) + b"\n")
+            f.write(
+                orjson.dumps({"id": f"row{i}", "prompt": f"Fact number {i} about the sea:"}) + b"\n"
+            )
     return path
 
 
@@ -42,13 +48,31 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
     is in the output exactly once and the file reads cleanly."""
     src = write_prompts(tmp_path / "in.jsonl", 60)
     out = tmp_path / "out.parquet"
-    args = [sys.executable, "-m", "llamba_cli", "generate", str(src), "-o", str(out),
-            "--flush-rows", "3", "--flush-seconds", "0.5", "--slots", "4",
-            "--max-tokens", "24", "--temperature", "0"]
+    args = [
+        sys.executable,
+        "-m",
+        "llamba_cli",
+        "generate",
+        str(src),
+        "-o",
+        str(out),
+        "--flush-rows",
+        "3",
+        "--flush-seconds",
+        "0.5",
+        "--slots",
+        "4",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+    ]
     rng = random.Random(7)
     kills = 0
     for _ in range(4):
-        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(rng.uniform(2.0, 6.0))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -56,15 +80,38 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
         proc.wait()
         assert not out.exists() or proc.returncode == 0  # never a half-written output
     assert kills >= 2
-    final = llamba("generate", str(src), "-o", str(out), "--flush-rows", "3", "--slots", "4",
-                   "--max-tokens", "24", "--temperature", "0")
+    final = llamba(
+        "generate",
+        str(src),
+        "-o",
+        str(out),
+        "--flush-rows",
+        "3",
+        "--slots",
+        "4",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+    )
     assert final.returncode == 0, final.stderr
     got = ids_of(out)
     assert sorted(got) == sorted(f"row{i}" for i in range(60))
     assert len(got) == len(set(got)) == 60
     assert not (tmp_path / "out.parquet.llamba-work").exists()
     # A finished job run again writes nothing new.
-    again = llamba("generate", str(src), "-o", str(out), "--slots", "4", "--max-tokens", "24", "--temperature", "0")
+    again = llamba(
+        "generate",
+        str(src),
+        "-o",
+        str(out),
+        "--slots",
+        "4",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+    )
     assert again.returncode == 0 and "60 already done" in again.stderr
 
 
@@ -107,9 +154,13 @@ def test_exit_codes_error_rows_and_max_errors(tmp_path):
     assert "invalid JSON" in rows["3"]["error"]
     assert rows["no-prompt"]["error"] and rows["no-prompt"]["finish_reason"] == "error"
     assert rows["row0"]["error"] is None
-    tolerant = llamba("generate", str(src), "-o", str(tmp_path / "o2.parquet"), "--max-errors", "2", *FAST)
+    tolerant = llamba(
+        "generate", str(src), "-o", str(tmp_path / "o2.parquet"), "--max-errors", "2", *FAST
+    )
     assert tolerant.returncode == 0, tolerant.stderr
-    strict = llamba("generate", str(src), "-o", str(tmp_path / "o3.parquet"), "--max-errors", "0", *FAST)
+    strict = llamba(
+        "generate", str(src), "-o", str(tmp_path / "o3.parquet"), "--max-errors", "0", *FAST
+    )
     assert strict.returncode == 1 and "aborted" in strict.stderr
     usage = llamba("generate", str(src), "-o", str(tmp_path / "o4.parquet"), "--slots", "0")
     assert usage.returncode == 2
@@ -135,7 +186,9 @@ def test_retry_errors_reruns_only_failed_rows(tmp_path):
 def test_metrics_json(tmp_path):
     src = write_prompts(tmp_path / "in.jsonl", 3)
     metrics = tmp_path / "m" / "metrics.json"
-    proc = llamba("generate", str(src), "-o", str(tmp_path / "o.jsonl"), "--metrics-json", str(metrics), *FAST)
+    proc = llamba(
+        "generate", str(src), "-o", str(tmp_path / "o.jsonl"), "--metrics-json", str(metrics), *FAST
+    )
     assert proc.returncode == 0, proc.stderr
     m = orjson.loads(metrics.read_bytes())
     assert m["rows_written"] == 3 and m["errors"] == 0 and m["exit_code"] == 0
@@ -159,11 +212,27 @@ def test_n_samples_are_reproducible(tmp_path):
     runs = []
     for k in range(2):
         out = tmp_path / f"o{k}.parquet"
-        proc = llamba("generate", str(src), "-o", str(out), "--n", "4", "--seed", "1",
-                      "--temperature", "0.9", "--max-tokens", "8", "--slots", "8")
+        proc = llamba(
+            "generate",
+            str(src),
+            "-o",
+            str(out),
+            "--n",
+            "4",
+            "--seed",
+            "1",
+            "--temperature",
+            "0.9",
+            "--max-tokens",
+            "8",
+            "--slots",
+            "8",
+        )
         assert proc.returncode == 0, proc.stderr
         runs.append(pq.read_table(out).to_pylist())
-    assert [(r["id"], r["sample"]) for r in runs[0]] == [(f"row{i}", s) for i in range(2) for s in range(4)]
+    assert [(r["id"], r["sample"]) for r in runs[0]] == [
+        (f"row{i}", s) for i in range(2) for s in range(4)
+    ]
     assert [r["text"] for r in runs[0]] == [r["text"] for r in runs[1]]
     assert len({r["text"] for r in runs[0] if r["id"] == "row0"}) > 1  # samples differ
 
@@ -171,24 +240,31 @@ def test_n_samples_are_reproducible(tmp_path):
 def test_validate_catches_missing_column_and_too_long_prompt(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_bytes(
-        orjson.dumps({"id": "a", "text": "short"}) + b"\n"
-        + orjson.dumps({"id": "b", "text": "word " * 400}) + b"\n"
+        orjson.dumps({"id": "a", "text": "short"})
+        + b"\n"
+        + orjson.dumps({"id": "b", "text": "word " * 400})
+        + b"\n"
     )
     job = tmp_path / "job.toml"
-    job.write_text(f'task = "generate"\ninput = "{src.name}"\noutput = "out.parquet"\n[prompt]\ntemplate = "{{body}}"\n')
+    head = f'task = "generate"\ninput = "{src.name}"\noutput = "out.parquet"\n'
+    job.write_text(head + '[prompt]\ntemplate = "{body}"\n')
     missing = llamba("validate", str(job))
     assert missing.returncode == 2 and "body" in missing.stderr
-    job.write_text(f'task = "generate"\ninput = "{src.name}"\noutput = "out.parquet"\nctx = 128\n[prompt]\ntemplate = "{{text}}"\n')
+    job.write_text(head + 'ctx = 128\n[prompt]\ntemplate = "{text}"\n')
     long = llamba("validate", str(job))
     assert long.returncode == 1, long.stdout + long.stderr
     assert "too long: 1 rows" in long.stdout and "'b'" in long.stdout
     assert not (tmp_path / "out.parquet").exists()
 
 
-@pytest.mark.parametrize("bad", ['task = "translate"', 'tempreature = 1', 'slots = "many"'])
+@pytest.mark.parametrize("bad", ['task = "translate"', "tempreature = 1", 'slots = "many"'])
 def test_bad_job_files(tmp_path, bad):
     job = tmp_path / "job.toml"
-    job.write_text(f'task = "generate"\ninput = "x.jsonl"\n{bad}\n' if "task" not in bad else f'{bad}\ninput = "x.jsonl"\n')
+    job.write_text(
+        f'task = "generate"\ninput = "x.jsonl"\n{bad}\n'
+        if "task" not in bad
+        else f'{bad}\ninput = "x.jsonl"\n'
+    )
     proc = llamba("run", str(job))
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
