@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{command_line()}`",
         "",
-        *[f"- {fact}" for fact in machine_facts(args.threads, model_path)],
+        # This workload samples (temperature 0.8); the shared facts say "greedy".
+        *[f.replace("; greedy decoding", "") for f in machine_facts(args.threads, model_path)],
         f"- workload: one prompt of {npp} tokens, {args.n} samples x {args.tokens} tokens "
         f"(temperature 0.8, own seed each), {args.repeats} interleaved rounds, medians",
     ]
