@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamba_cli.engine import SamplingParams
+from llamba_cli.engine import EngineConfig, SamplingParams
 from llamba_cli.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -26,6 +26,9 @@ else:  # pragma: no cover
 TASKS = ("generate", "classify")
 _PATH_KEYS = ("input", "output", "model", "metrics_json", "json_schema", "grammar", "labels_file")
 _TABLES = ("prompt", "sampling", "engine", "run", "classify")
+# Defaults come from the engine's own config classes, so the two never drift apart.
+_SAMPLING = SamplingParams()
+_ENGINE: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,14 @@ class JobSpec:
     format: str = "auto"
     keep_columns: tuple[str, ...] = ()
     # sampling
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    max_tokens: int = 256
+    temperature: float = _SAMPLING.temperature
+    top_k: int = _SAMPLING.top_k
+    top_p: float = _SAMPLING.top_p
+    min_p: float = _SAMPLING.min_p
+    repeat_penalty: float = _SAMPLING.repeat_penalty
+    presence_penalty: float = _SAMPLING.presence_penalty
+    frequency_penalty: float = _SAMPLING.frequency_penalty
+    max_tokens: int = _SAMPLING.max_tokens
     stop: tuple[str, ...] = ()
     seed: int = 0
     n: int = 1
@@ -61,13 +64,13 @@ class JobSpec:
     labels_file: str | None = None
     label_delimiter: str = " "
     # engine
-    slots: int = 16
-    ctx: int = 2048
-    n_batch: int = 512
+    slots: int = _ENGINE["slots"]
+    ctx: int = _ENGINE["n_ctx_seq"]
+    n_batch: int = _ENGINE["n_batch"]
     threads: int | None = None
-    flash_attn: str = "auto"
-    n_gpu_layers: int = -1
-    prefix_cache: bool = True
+    flash_attn: str = _ENGINE["flash_attn"]
+    n_gpu_layers: int = _ENGINE["n_gpu_layers"]
+    prefix_cache: bool = _ENGINE["prefix_cache"]
     # run control
     limit: int | None = None
     shard: str | None = None  # "I/N"
