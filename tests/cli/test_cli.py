@@ -188,3 +188,16 @@ def test_dry_run_renders_prompts_without_output(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "p000" in proc.stdout and "You write well." in proc.stdout
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_labels_from_a_file(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("positive\n\nnegative\n")
+    out = tmp_path / "l.parquet"
+    proc = llamba(
+        "classify", str(SAMPLE / "reviews.parquet"), "--labels-file", str(labels),
+        "--template", "Review: {text}\nSentiment:", "-o", str(out), "--limit", "3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 3 and {"p_positive", "p_negative"} <= set(rows[0])

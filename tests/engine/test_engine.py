@@ -157,3 +157,29 @@ def test_engine_step_api(make_engine, slots):
         got.extend(engine.step())
     assert sorted(r.id for r in got) == [0, 1, 2, 3]
     assert engine.stats.generated_tokens == sum(r.completion_tokens for r in got)
+
+
+FEW_SHOT_HEAD = (
+    "Answer each question with one short sentence.\n\n"
+    "Q: What colour is the sky on a clear day?\nA: The sky is blue.\n\n"
+    "Q: How many legs does a spider have?\nA: A spider has eight legs.\n\n"
+)
+
+
+def test_prefix_cache_matches_no_cache_and_computes_the_head_once(make_engine, model):
+    questions = ["What is frozen water called?", "Where do fish live?", "What do bees make?"]
+    prompts = [FEW_SHOT_HEAD + f"Q: {q}\nA:" for q in questions]
+    off_engine = make_engine(slots=4, prefix_cache=False)
+    off = run(off_engine, prompts)
+    on_engine = make_engine(slots=4)
+    on = run(on_engine, prompts)
+    # Splitting a prompt across decodes moves logits a little (llama.cpp's own noise),
+    # so compare the first tokens, and whole texts for most rows.
+    assert all(a.generated()[:4] == b.generated()[:4] for a, b in zip(off, on, strict=True))
+    assert sum(a.text == b.text for a, b in zip(off, on, strict=True)) >= 2
+    head = len(model.tokenize(FEW_SHOT_HEAD))
+    st = on_engine.stats
+    assert st.prompt_tokens == off_engine.stats.prompt_tokens == sum(r.prompt_tokens for r in on)
+    assert st.prompt_tokens_reused >= len(prompts) * (head - 2)
+    # The shared head was evaluated once: everything else is the rows' own tails.
+    assert st.prompt_tokens_evaluated <= st.prompt_tokens - (len(prompts) - 1) * (head - 2)
