@@ -15,19 +15,10 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
+from tests.cli_process import llamba
+
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--slots", "4", "--max-tokens", "6", "--temperature", "0"]
-
-
-def llamba(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llamba_cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kw,
-    )
 
 
 def write_prompts(path: Path, n: int, *, start: int = 0) -> Path:

@@ -4,7 +4,6 @@ incomplete rows, job files, and one-line exit-2 errors for bad schemas and gramm
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llamba_cli.job.structured import arrow_type
+from tests.cli_process import llamba
 from tests.schema_check import problems
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,13 +53,6 @@ PROMPTS = [
     "Employee file (JSON):",
 ]
 ARGS = ["--slots", "5", "--max-tokens", "200", "--temperature", "0.7", "--seed", "3"]
-
-
-def llamba(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llamba_cli", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
 
 
 @pytest.fixture
