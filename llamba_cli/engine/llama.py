@@ -155,9 +155,6 @@ class Model:
         raw = lc.llama_vocab_get_text(self._vocab, token)
         return raw.decode("utf-8", "replace") if raw else ""
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
-
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value as a string, or None when absent."""
         size = 1 << 16
@@ -174,12 +171,6 @@ class Model:
     @property
     def chat_template(self) -> str | None:
         return self.metadata("tokenizer.chat_template")
-
-    @property
-    def description(self) -> str:
-        buf = ctypes.create_string_buffer(256)
-        lc.llama_model_desc(self._ptr, buf, len(buf))
-        return buf.value.decode("utf-8", "replace")
 
 
 class Batch:
@@ -303,12 +294,6 @@ class Context:
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         """Share `src`'s cells in [p0, p1) with `dst` (unified KV: tags only, no copy)."""
         lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
-
-    def seq_pos_max(self, seq_id: int) -> int:
-        return int(lc.llama_memory_seq_pos_max(self._mem, seq_id))
-
-    def clear(self) -> None:
-        lc.llama_memory_clear(self._mem, True)
 
 
 # -- constrained decoding -----------------------------------------------------------

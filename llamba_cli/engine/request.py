@@ -82,10 +82,6 @@ class Request:
         return self.num_prompt
 
     @property
-    def is_classification(self) -> bool:
-        return self.labels is not None
-
-    @property
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
 
