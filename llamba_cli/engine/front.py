@@ -141,7 +141,8 @@ class EngineLoop:
         self._cond = threading.Condition(threading.Lock())
         self._inbox: list[tuple[str, Request]] = []
         self._inbox_submits = 0
-        self._streams: dict[Request, RequestStream] = {}  # touched by the engine thread only
+        # Each request's stream until its last output; written under `_cond`.
+        self._streams: dict[Request, RequestStream] = {}
         self._snapshot = LoopStats()
         self._closing = False
         self._drain = True
@@ -221,6 +222,9 @@ class EngineLoop:
                 while not (self._inbox or engine.has_work or self._closing):
                     self._cond.wait()
                 inbox, self._inbox = self._inbox, []
+                # Until the step's snapshot, count the moved requests as waiting.
+                self._snapshot.waiting += self._inbox_submits
+                self._snapshot.queue_depth += self._inbox_submits
                 self._inbox_submits = 0
                 stop_now = self._closing and not self._drain
             for kind, req in inbox:
