@@ -59,7 +59,7 @@ class EngineConfig:
             + (f" + {self.prefix_slots} for the prefix cache" if self.prefix_slots else "")
             + "); raise --n-batch or lower --slots",
         )
-        _check(self.n_ctx >= n_seq, f"the KV cache ({self.n_ctx} cells) must hold {n_seq} sequences")
+        _check(self.n_ctx >= n_seq, f"the KV cache ({self.n_ctx} cells) is too small")
         # llama.cpp takes these as 32-bit integers; larger values would wrap silently.
         _check(self.n_ctx < 1 << 31, f"slots x ctx must be below 2**31 tokens, got {self.n_ctx}")
         _check(self.n_batch <= 1 << 20, f"n-batch must be at most {1 << 20}, got {self.n_batch}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from llamba_cli.errors import RowError
-from llamba_cli.job.execute import Job, JobSummary
+from llamba_cli.job.execute import Job, JobSummary, check_outputs
 from llamba_cli.job.spec import JobSpec
+from llamba_cli.job.store import preflight
 
 
 @dataclass
@@ -45,9 +47,15 @@ class ValidationReport:
 
 
 def validate_job(spec: JobSpec) -> ValidationReport:
-    """Open everything a run would (input, columns, labels, model) and tokenize every
-    prompt (or `--limit` of them) against the per-sequence context."""
+    """Open everything a run would (input, columns, labels, model, output) and tokenize
+    every prompt (or `--limit` of them) against the per-sequence context.  What a run
+    would refuse before starting raises the same error here."""
     job = Job(spec)
+    if spec.output:
+        check_outputs(spec, job)
+        out = Path(spec.output).expanduser()
+        preflight(out, fingerprint=job.fingerprint, overwrite=spec.overwrite)
+    job.engine_config()  # validates the engine settings
     report = ValidationReport(limit=spec.ctx, format=job.format.name, model=job.model_path.name)
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
@@ -69,6 +77,7 @@ def dry_run(spec: JobSpec, default_rows: int = 5) -> Iterator[tuple[str, int, st
     if spec.limit is None:
         spec = replace(spec, limit=default_rows)
     job = Job(spec)
+    job.engine_config()  # validates the engine settings, as a run would
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
         try:

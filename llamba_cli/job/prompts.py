@@ -273,7 +273,9 @@ def _content_text(content: Any, where: str) -> str:
                 texts.append(part["text"])
             else:
                 kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise RowError(f"{where} content has a {kind!r} part; only text parts are supported")
+                raise RowError(
+                    f"{where} content has a {kind!r} part; only text parts are supported"
+                )
         return "\n".join(texts)
     raise RowError(
         f"{where} content is a {type(content).__name__}, not a string or a list of text parts"

@@ -335,7 +335,7 @@ class CsvSource(InputSource):
         super().__init__(path, id_column=id_column, batch_rows=batch_rows)
 
     def _open(self) -> io.TextIOWrapper:
-        raw: Any = gzip.GzipFile(self.path, "rb") if self.gzipped else open(self.path, "rb")
+        raw: Any = gzip.GzipFile(self.path, "rb") if self.gzipped else open(self.path, "rb")  # noqa: SIM115
         # surrogateescape: a bad byte spoils its own record (an error row), not the file.
         return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
 

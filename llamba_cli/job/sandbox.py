@@ -88,7 +88,7 @@ def _budget() -> Budget:
     return budget
 
 
-class rendering:  # noqa: N801 - used as a context manager, like `open`
+class rendering:
     """`with rendering(budget): template.render(...)` renders under `budget`."""
 
     def __init__(self, budget: Budget) -> None:
@@ -415,7 +415,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.filters = {name: _metered(f) for name, f in self.filters.items()}
         # Generated code binds `concat = environment.concat` for block captures,
         # macro bodies and the output.
-        self.concat = _join_parts  # type: ignore[method-assign,assignment]
+        self.concat = _join_parts  # type: ignore[method-assign]
 
     def llamba_join(self, parts: tuple[Any, ...]) -> str:
         return _join_parts(parts)
@@ -442,7 +442,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         return _BINOPS[operator](left, right)
 
-    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _step()
         if _str_owner(__obj) is not None:
             _check_str_call(__obj, args, kwargs)
