@@ -115,6 +115,14 @@ class OutputLock:
                 self.path.unlink()
         os.close(fd)
 
+    def __del__(self) -> None:
+        # Dropped without `release` (the run died): unlock as the kernel would on exit,
+        # leaving the file, which the next holder takes over.
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
     @staticmethod
     def holder(path: Path) -> int | None:
         """The pid holding the lock at `path`, or None when nobody does."""
