@@ -55,7 +55,7 @@ class EngineConfig:
         _check(
             self.n_batch >= n_seq,
             f"n-batch ({self.n_batch}) must be at least {n_seq}: llama.cpp needs an output "
-            f"row per sequence ({self.slots} slots"
+            f"row per sequence ({self.slots} slot{'s' if self.slots != 1 else ''}"
             + (f" + {self.prefix_slots} for the prefix cache" if self.prefix_slots else "")
             + "); raise --n-batch or lower --slots",
         )

@@ -50,12 +50,12 @@ def validate_job(spec: JobSpec) -> ValidationReport:
     """Open everything a run would (input, columns, labels, model, output) and tokenize
     every prompt (or `--limit` of them) against the per-sequence context.  What a run
     would refuse before starting raises the same error here."""
+    if spec.output:
+        check_outputs(spec)
     job = Job(spec)
     if spec.output:
-        check_outputs(spec, job)
         out = Path(spec.output).expanduser()
         preflight(out, fingerprint=job.fingerprint, overwrite=spec.overwrite)
-    job.engine_config()  # validates the engine settings
     report = ValidationReport(limit=spec.ctx, format=job.format.name, model=job.model_path.name)
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
@@ -77,7 +77,6 @@ def dry_run(spec: JobSpec, default_rows: int = 5) -> Iterator[tuple[str, int, st
     if spec.limit is None:
         spec = replace(spec, limit=default_rows)
     job = Job(spec)
-    job.engine_config()  # validates the engine settings, as a run would
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
         try:

@@ -279,35 +279,23 @@ class Job:
         return self._max_prompt_bytes
 
     def engine_config(self) -> EngineConfig:
-        s = self.spec
-        kwargs: dict[str, Any] = {}
-        if s.threads is not None:
-            kwargs["n_threads"] = s.threads
-        return EngineConfig(
-            model_path=str(self.model_path),
-            slots=s.slots,
-            n_ctx_seq=s.ctx,
-            n_batch=s.n_batch,
-            flash_attn=s.flash_attn,
-            n_gpu_layers=s.n_gpu_layers,
-            prefix_cache=s.prefix_cache,
-            **kwargs,
-        )
-
-    def read_paths(self) -> list[Path]:
-        """Files this job reads: none of them may be written as its output."""
-        s = self.spec
-        paths = [self.source.path, self.model_path]
-        paths += [Path(p) for p in (s.labels_file, s.json_schema, s.grammar) if p]
-        if s.format.endswith(".toml") or "/" in s.format:
-            paths.append(Path(s.format))
-        return [p.expanduser() for p in paths]
+        return self.spec.engine_config(str(self.model_path))
 
 
-def check_outputs(spec: JobSpec, job: Job) -> None:
+def read_paths(spec: JobSpec) -> list[Path]:
+    """Files a job reads: none of them may be written as its output."""
+    paths = [Path(spec.input), resolve_model_path(spec.model)]
+    paths += [Path(p) for p in (spec.labels_file, spec.json_schema, spec.grammar) if p]
+    if spec.format.endswith(".toml") or "/" in spec.format:
+        paths.append(Path(spec.format))
+    return [p.expanduser() for p in paths]
+
+
+def check_outputs(spec: JobSpec) -> None:
     """Fail before any work if the output or metrics path can never be written, or is
     one of the files the job reads (through links too)."""
-    assert spec.output is not None
+    if not spec.output:
+        raise ConfigError("an output path is needed: -o/--output FILE (.parquet or .jsonl)")
     output = Path(spec.output).expanduser()
     output_format(output)
     check_location(output)
@@ -321,7 +309,7 @@ def check_outputs(spec: JobSpec, job: Job) -> None:
             raise OutputError(f"--metrics-json '{metrics}' is the output file")
         written.append(("--metrics-json", metrics))
     for what, path in written:
-        for read in job.read_paths():
+        for read in read_paths(spec):
             if _same_file(path, read):
                 raise OutputError(
                     f"the {what} path '{path}' is a file this job reads ('{read}'); "
@@ -346,10 +334,8 @@ def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
     was generated is flushed and stays resumable; the exception is re-raised with
     `kept` saying where."""
     progress = progress or NoProgress()
-    if not spec.output:
-        raise ConfigError("an output path is needed: -o/--output FILE (.parquet or .jsonl)")
+    check_outputs(spec)
     job = Job(spec)
-    check_outputs(spec, job)
     engine = Engine(job.engine_config(), model=job.model)
     try:
         return _run(job, engine, progress)

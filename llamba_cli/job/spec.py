@@ -110,6 +110,23 @@ class JobSpec:
             raise ConfigError("id-column must not be empty")
         self.shard_index()  # validates the shard spelling
         self.sampling()  # validates sampling values
+        self.engine_config("")  # validates engine values, before any model loads
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        """The engine settings of this job for the model at `model_path`."""
+        kwargs: dict[str, Any] = {}
+        if self.threads is not None:
+            kwargs["n_threads"] = self.threads
+        return EngineConfig(
+            model_path=model_path,
+            slots=self.slots,
+            n_ctx_seq=self.ctx,
+            n_batch=self.n_batch,
+            flash_attn=self.flash_attn,
+            n_gpu_layers=self.n_gpu_layers,
+            prefix_cache=self.prefix_cache,
+            **kwargs,
+        )
 
     # -- derived --------------------------------------------------------------------
 
