@@ -9,7 +9,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llamba_cli.errors import ConfigError, RowError, TemplateError
-from llamba_cli.job import prompts, sandbox
+from llamba_cli.job import sandbox
 from llamba_cli.job.prompts import (
     PromptBuilder,
     PromptFormat,
