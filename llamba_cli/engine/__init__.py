@@ -7,17 +7,19 @@ iterable to `Engine.run`) and collect them as they finish.
 from llamba_cli.engine.config import EngineConfig, SamplingParams
 from llamba_cli.engine.engine import Engine, EngineStats
 from llamba_cli.engine.labels import normalize
-from llamba_cli.engine.llama import Model, check_gguf
+from llamba_cli.engine.llama import Grammar, Model, check_gguf, schema_to_gbnf
 from llamba_cli.engine.request import Request, Status
 
 __all__ = [
     "Engine",
     "EngineConfig",
     "EngineStats",
+    "Grammar",
     "Model",
     "Request",
     "SamplingParams",
     "Status",
     "check_gguf",
     "normalize",
+    "schema_to_gbnf",
 ]

@@ -71,6 +71,7 @@ class EngineConfig:
         )
         _check(self.prefix_min_tokens >= 1, "prefix_min_tokens must be >= 1")
         _check(self.prefix_cache_tokens >= 0, "prefix_cache_tokens must be >= 0")
+        _check(self.lookahead >= 1, f"lookahead must be >= 1, got {self.lookahead}")
 
     @property
     def n_ctx(self) -> int:

@@ -39,7 +39,8 @@ class Request:
     score as continuations of the prompt, `label_delimiter` joining them), `sample`
     (a caller tag, e.g. which of n samples), `grammar_text` (GBNF, start symbol
     `root`: every generated token keeps the output a prefix of the grammar's language,
-    and the request ends by end-of-generation only once the output is complete).
+    and the request ends by end-of-generation only once the output is complete),
+    `tag` (opaque caller data, never read by the engine).
 
     Results, set when `status` is FINISHED: `text`, `finish_reason` ("stop",
     "length" or "error"), `error`, `prompt_tokens`, `completion_tokens`,
@@ -56,6 +57,7 @@ class Request:
     label_delimiter: str = " "
     sample: int = 0
     grammar_text: str | None = None
+    tag: Any = None
 
     # -- engine state -------------------------------------------------------------
     status: Status = Status.WAITING

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llamba_cli.errors import RowError
-from llamba_cli.job.execute import Job, JobSummary, check_outputs
+from llamba_cli.job.execute import Job, check_outputs
 from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.store import preflight
+from llamba_cli.job.summary import JobSummary
 
 
 @dataclass
