@@ -106,6 +106,7 @@ _HELP: dict[str, str] = {
     "kv_cells": "Override the KV cache size (default: slots x ctx + prefix cache).",
 }
 
+
 @dataclass(frozen=True)
 class Option:
     """One flag: the setting it sets, its annotation for typer, and typer's option."""
