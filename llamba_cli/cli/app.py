@@ -25,6 +25,7 @@ try:  # recent typer vendors its own copy of click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
+from llamba_cli.cli import serve
 from llamba_cli.cli.progress import LogProgress, RichProgress
 from llamba_cli.errors import LlambaError
 from llamba_cli.job.checks import dry_run, validate_job
@@ -411,6 +412,8 @@ _command(
     {"dry_run"},
     "Check a job without generating: files, columns, labels, prompt token counts.",
 )
+
+serve.register(app, OPTIONS)
 
 
 @app.command("formats")
