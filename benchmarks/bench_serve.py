@@ -413,31 +413,36 @@ def summarize(levels: list[Level]) -> Summary:
     )
 
 
-def agreement(results: dict[int, list[Level]]) -> str | None:
-    """How often llamba's greedy text at N clients equals its text for the same prompt
-    at the smallest client count (batch composition changes llama.cpp's numerics)."""
-    counts = sorted(results)
-    if len(counts) < 2:
-        return None
-    ref: dict[int, str] = {}
-    for lv in results[counts[0]]:
-        for s in lv.samples:
-            if s.error is None:
-                ref.setdefault(s.prompt_index, s.text)
+async def reference_texts(
+    base: str, indices: list[int], prompts: list[str], body: Any
+) -> dict[int, str]:
+    """Each prompt's greedy text requested alone, one at a time (untimed)."""
+    out: dict[int, str] = {}
+    for i in indices:
+        sample = Sample(prompt_index=i, sent=time.perf_counter())
+        await stream_completion(base, body(prompts[i]), sample)
+        if sample.error is None:
+            out[i] = sample.text
+    return out
+
+
+def agreement(results: dict[int, list[Level]], alone: dict[int, str]) -> str | None:
+    """How often llamba's greedy text at each client count equals its text for the same
+    prompt requested alone (batch composition changes llama.cpp's numerics)."""
     parts = []
-    for n in counts[1:]:
+    for n in sorted(results):
         same = total = 0
         for lv in results[n]:
             for s in lv.samples:
-                if s.error is None and s.prompt_index in ref:
+                if s.error is None and s.prompt_index in alone:
                     total += 1
-                    same += s.text == ref[s.prompt_index]
+                    same += s.text == alone[s.prompt_index]
         if total:
             parts.append(f"{n} clients {same}/{total}")
     if not parts:
         return None
     return (
-        f"llamba greedy texts equal to its {counts[0]}-client text for the same prompt: "
+        "llamba greedy texts equal to the same prompt's text requested alone: "
         + ", ".join(parts)
         + " (llama.cpp's results vary with batch composition; see the README)"
     )
@@ -545,12 +550,14 @@ def main(argv: list[str] | None = None) -> int:
     eog = [int(t) for t in model.eog_mask.nonzero()[0]]
     model.close()
 
-    notes = [
-        "llamba serve: `--slots S --ctx C --n-batch 512 --flash-attn on` (prefix cache on)",
-        "llama-server: `-np S -c S*C -b 512 -ub 512 -fa on`",
-        "llama-cpp-python server: `--n_ctx C --n_batch 512 --flash_attn true "
+    described = {
+        "llamba": "llamba serve: `--slots S --ctx C --n-batch 512 --flash-attn on` "
+        "(prefix cache on)",
+        "server": "llama-server: `-np S -c S*C -b 512 -ub 512 -fa on`",
+        "python": "llama-cpp-python server: `--n_ctx C --n_batch 512 --flash_attn true "
         "--interrupt_requests false` (it runs one request at a time)",
-    ]
+    }
+    notes = [text for key, text in described.items() if key in args.contenders]
     tools = common.Tools(None)
     if "server" in args.contenders:
         tools = common.find_tools(args.tools_bin)
@@ -591,6 +598,17 @@ def main(argv: list[str] | None = None) -> int:
                         + (f", {len(level.errors)} errors" if level.errors else ""),
                         file=sys.stderr,
                     )
+        alone: dict[int, str] = {}
+        if "llamba" in live:
+            used = sorted(
+                {
+                    s.prompt_index
+                    for lvs in rounds["llamba"].values()
+                    for lv in lvs
+                    for s in lv.samples
+                }
+            )
+            alone = asyncio.run(reference_texts(live["llamba"].base, used, prompts, body))
     results = {
         key: {n: summarize(levels) for n, levels in per.items() if levels}
         for key, per in rounds.items()
@@ -602,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{NAMES[key]} at {n} clients: {len(s.errors)} failed requests, "
                     f"e.g. {s.errors[0]}"
                 )
-    agree = agreement(rounds.get("llamba", {}))
+    agree = agreement(rounds.get("llamba", {}), alone)
     if agree:
         notes.append(agree)
     report = build_report(args, facts, mean_prompt, results, notes)

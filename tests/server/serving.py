@@ -41,9 +41,8 @@ class Server:
         import openai
 
         kw.setdefault("timeout", 300)
-        return openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0, **kw
-        )
+        kw.setdefault("api_key", self.api_key or "none")
+        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, **kw)
 
     def request(
         self,

@@ -178,7 +178,12 @@ def test_same_seed_same_text(server: Server) -> None:
 
     def sample(seed: int) -> str:
         r = client.completions.create(
-            model="m", prompt=SHORT, max_tokens=12, temperature=1.0, top_k=0, seed=seed
+            model="m",
+            prompt=SHORT,
+            max_tokens=12,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"top_k": 0},
         )
         return r.choices[0].text
 
@@ -310,7 +315,8 @@ def stream_timed(server: Server, body: dict[str, Any], out: dict[str, Any]) -> N
     client = server.client()
     times, parts, reasons = [], [], []
     start = time.monotonic()
-    for chunk in client.completions.create(model="m", stream=True, **body):
+    extra = {k: body.pop(k) for k in ("ignore_eos",) if k in body}
+    for chunk in client.completions.create(model="m", stream=True, extra_body=extra, **body):
         if chunk.choices:
             times.append(time.monotonic() - start)
             parts.append(chunk.choices[0].text)
@@ -319,15 +325,17 @@ def stream_timed(server: Server, body: dict[str, Any], out: dict[str, Any]) -> N
     out.update(times=times, text="".join(parts), reasons=reasons)
 
 
+# Greedy first tokens at 1 slot win by 3-8 nats for most of these (Gemma 3 270M), far
+# above the ~1 nat llama.cpp's batch shape moves a logit.
 PROMPTS = [
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "The largest planet in the solar system is",
-    "One, two, three, four,",
-    "Monday, Tuesday, Wednesday,",
-    "The opposite of hot is",
+    "To be or not to",
+    "Once upon a",
+    "The quick brown fox jumps over the lazy",
+    "1, 2, 3, 4, 5,",
     "Roses are red, violets are",
-    "A, B, C, D,",
+    "Twinkle, twinkle, little",
+    "Water boils at a temperature of",
+    "Monday, Tuesday, Wednesday,",
 ]
 
 
@@ -379,10 +387,10 @@ def test_eight_concurrent_streams(server: Server, one_slot_server: Server) -> No
         lp = ref.logprobs
         assert lp is not None and lp.top_logprobs and lp.tokens
         top = sorted(lp.top_logprobs[0].values(), reverse=True)
-        if len(top) == 2 and top[0] - top[1] > 5.0:  # far above llama.cpp's batch noise
+        if len(top) == 2 and top[0] - top[1] > 3.0:  # well above llama.cpp's batch noise
             checked += 1
             assert got["text"].startswith(lp.tokens[0])
-    assert checked >= 2  # the prompts are chosen so that several have a clear first token
+    assert checked >= 4  # the prompts are chosen so that most have a clear first token
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server: Server) -> None:
