@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from llamba_cli.openai import CHAT_COMPLETIONS, CLASSIFY, COMPLETIONS, ApiError, error_body
@@ -77,6 +78,16 @@ def create_app(runtime: Runtime) -> FastAPI:
         assert isinstance(exc, ApiError)
         runtime.metrics.answered(request.url.path, exc.status)
         return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        runtime.metrics.answered(
+            request.url.path if exc.status_code != 404 else "other", exc.status_code
+        )
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

@@ -72,21 +72,20 @@ class Runtime:
             api = OpenAIApi(served)
             engine = Engine(cfg, model=model)
             self._engine = engine
-            loop = EngineLoop(engine, max_waiting=self.config.max_queue)
-            loop.start()
+            with self._lock:
+                if self.state != LOADING:  # shut down while loading: close() frees it
+                    return
+                loop = EngineLoop(engine, max_waiting=self.config.max_queue)
+                loop.start()
+                self.api = api
+                self.loop = loop
+                self.state = READY
         except LlambaError as e:
             self._fail(str(e), e.exit_code)
             return
         except Exception as e:  # a bug, but the server must still say why and exit
             self._fail(f"internal error while loading: {type(e).__name__}: {e}", 70)
             return
-        with self._lock:
-            if self.state != LOADING:  # shut down while loading
-                loop.close(drain=False)
-                return
-            self.api = api
-            self.loop = loop
-            self.state = READY
         self.log(
             f"model {served.name} ready: {cfg.slots} slots x {cfg.n_ctx_seq} tokens, "
             f"prompt format {served.prompt_format.name}"
@@ -111,16 +110,18 @@ class Runtime:
         return loop.stats() if loop is not None and self.state in (READY, STOPPING) else None
 
     def close(self) -> None:
-        """Abort whatever still runs and free the engine (after the server stopped)."""
+        """Abort whatever still runs and free the engine (after the server stopped).
+        Waits for a load in progress to end first: llama.cpp cannot be interrupted."""
         with self._lock:
             if self.state != FAILED:
                 self.state = STOPPING
-            loop = self.loop
+        self.wait_loaded()
+        loop, self.loop = self.loop, None
         if loop is not None:
             loop.close(drain=False)
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-        if self._model is not None:
-            self._model.close()
-            self._model = None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+        model, self._model = self._model, None
+        if model is not None:
+            model.close()
