@@ -481,3 +481,71 @@ def test_full_queue_answers_429_at_once(one_slot_server: Server) -> None:
             and s.metrics()["llamba_requests_waiting"] == 0
         )
     )
+
+
+def test_a_shared_system_prompt_is_computed_once(server: Server) -> None:
+    system = (
+        "You are a terse assistant for a hardware shop. Answer every question in at most "
+        "one sentence, name a product when you can, and never apologise."
+    )
+    questions = ["Do you sell hammers?", "What glue works on wood?", "Any cheap drills?"]
+    before = server.metrics()
+    results: list[dict[str, Any]] = [{} for _ in questions]
+
+    def ask(question: str, out: dict[str, Any]) -> None:
+        r = server.client().chat.completions.create(
+            model="m",
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+        out["usage"] = r.usage
+
+    threads = [
+        threading.Thread(target=ask, args=(q, r)) for q, r in zip(questions, results, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    after = server.metrics()
+    prompt = sum(r["usage"].prompt_tokens for r in results)
+    evaluated = (
+        after["llamba_prompt_tokens_evaluated_total"]
+        - before["llamba_prompt_tokens_evaluated_total"]
+    )
+    reused = (
+        after["llamba_prompt_tokens_reused_total"] - before["llamba_prompt_tokens_reused_total"]
+    )
+    assert reused >= 2 * 20  # the system prompt (>20 tokens) came from the cache
+    assert evaluated <= prompt - 2 * 20  # ... instead of being evaluated three times
+
+
+def test_metrics_exposition(server: Server) -> None:
+    server.client().completions.create(model="m", prompt=SHORT, max_tokens=2)
+    status, headers, raw = server.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = raw.decode()
+    for name, kind in [
+        ("llamba_requests_running", "gauge"),
+        ("llamba_requests_waiting", "gauge"),
+        ("llamba_generation_tokens_total", "counter"),
+        ("llamba_prompt_tokens_total", "counter"),
+        ("llamba_prompt_tokens_evaluated_total", "counter"),
+        ("llamba_prompt_tokens_reused_total", "counter"),
+        ("llamba_decode_seconds_total", "counter"),
+        ("llamba_request_errors_total", "counter"),
+        ("llamba_requests_rejected_total", "counter"),
+        ("llamba_requests_disconnected_total", "counter"),
+        ("llamba_http_requests_total", "counter"),
+        ("llamba_time_to_first_token_seconds", "histogram"),
+    ]:
+        assert f"# TYPE {name} {kind}\n" in text, name
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            float(line.rsplit(" ", 1)[1])  # every sample has a number
+    metrics = server.metrics()
+    assert metrics["llamba_generation_tokens_total"] > 0
+    assert metrics['llamba_http_requests_total{endpoint="/v1/completions",status="200"}'] > 0
+    status, _, raw = server.request("GET", "/v1/nothing-here")
+    assert status == 404 and json.loads(raw)["error"]["type"] == "not_found_error"
