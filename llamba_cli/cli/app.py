@@ -5,7 +5,8 @@ options; they differ only in where the job comes from.  Every `LlambaError` is
 turned into one line on stderr and its exit code here, in `main()`, and nowhere
 else.  Exit codes: 0 all rows succeeded; 1 some rows ended in error (or the run
 aborted at --max-errors); 2 usage, configuration, input, model or output error;
-3 llama.cpp failed; 130 interrupted.
+3 llama.cpp failed; 130 interrupted (SIGINT, SIGHUP); 143 terminated (SIGTERM).
+User text (ids, paths, prompts) is always printed as plain text, never as markup.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from llamba_cli import __version__
 
@@ -27,9 +29,10 @@ except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
 from llamba_cli.cli import serve
 from llamba_cli.cli.progress import LogProgress, RichProgress
-from llamba_cli.errors import LlambaError
+from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.checks import dry_run, validate_job
 from llamba_cli.job.execute import JobSummary, run_job
+from llamba_cli.job.interrupt import Interrupted, signals_raise
 from llamba_cli.job.prompts import list_formats, load_format
 from llamba_cli.job.spec import build_spec, load_job_file
 
@@ -41,8 +44,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# markup=False: whatever is printed may contain user text, and "[/x]" in an id or a
+# path must print as itself, not be taken for a closing tag.
+err = Console(stderr=True, highlight=False, markup=False)
+out = Console(highlight=False, markup=False)
 
 
 def _opt(*names: str, help: str, **kw: Any) -> Any:
@@ -230,7 +235,8 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
         _opt(
             "--ctx",
             "-c",
-            help="Most tokens per sequence, prompt + completion (default 2048).",
+            help="Most tokens per sequence, prompt + completion (default 2048). Unlike "
+            "llama-server's -c, this is per sequence: the KV cache holds slots x ctx.",
             rich_help_panel="Engine",
         ),
     ),
@@ -245,7 +251,12 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     ),
     "threads": (
         int | None,
-        _opt("--threads", "-t", help="CPU threads (default: all cores).", rich_help_panel="Engine"),
+        _opt(
+            "--threads",
+            "-t",
+            help="CPU threads (default: the core count, halved above 8 cores).",
+            rich_help_panel="Engine",
+        ),
     ),
     "flash_attn": (
         str | None,
@@ -421,7 +432,7 @@ def formats_command() -> None:
     """List the packaged prompt formats."""
     for name in list_formats():
         fmt = load_format(name)
-        out.print(f"[bold]{name:10}[/bold] {fmt.description}")
+        out.print(Text.assemble((f"{name:10}", "bold"), " ", fmt.description))
 
 
 @app.command("version")
@@ -456,7 +467,7 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     if dry:
         table = Table("id", "tokens", "prompt", show_lines=True)
         for row_id, n_tokens, prompt in dry_run(spec):
-            table.add_row(row_id, str(n_tokens), prompt)
+            table.add_row(Text(row_id), str(n_tokens), Text(prompt))
         out.print(table)
         return
     summary = _run_with_progress(spec)
@@ -472,15 +483,31 @@ def _run_with_progress(spec: Any) -> JobSummary:
             return run_job(spec, bar)
         finally:
             bar.stop()
-    interval = float(os.environ.get("LLAMBA_PROGRESS_INTERVAL", "10"))
+    interval = _progress_interval()
     return run_job(spec, LogProgress(interval=interval if not quiet else float("inf")))
 
 
+def _progress_interval() -> float:
+    raw = os.environ.get("LLAMBA_PROGRESS_INTERVAL", "10")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"LLAMBA_PROGRESS_INTERVAL must be a number of seconds > 0, got {raw!r}")
+    return seconds
+
+
 def _print_summary(s: JobSummary) -> None:
+    speed = (
+        f"{s.rows_per_second:.2f} rows/s"
+        if s.task == "classify"
+        else f"{s.generated_tokens} tokens generated at {s.tokens_per_second:.1f} tok/s"
+    )
     parts = [
         f"{s.rows_written} rows written to {s.output}",
         f"{s.errors} errors",
-        f"{s.generated_tokens} tokens generated at {s.tokens_per_second:.1f} tok/s",
+        speed,
         f"prompt tokens {s.prompt_tokens} (evaluated {s.prompt_tokens_evaluated}, "
         f"reused {s.prompt_tokens_reused})",
         f"{s.wall_seconds:.1f}s",
@@ -494,19 +521,24 @@ def _print_summary(s: JobSummary) -> None:
             f"(e.g. {', '.join(repr(i) for i in s.duplicate_examples)})"
         )
     if s.aborted:
-        err.print(f"llamba: aborted: {s.aborted}; rerun the same command to resume")
+        err.print(f"llamba: aborted: {s.aborted}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every known failure into one line."""
     try:
         # Without standalone mode, click returns an Exit's code instead of exiting.
-        code = app(args=argv, standalone_mode=False)
+        with signals_raise():
+            code = app(args=argv, standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
+    except Interrupted as e:
+        kept = e.kept or "what was written is kept: rerun the same command to resume"
+        print(f"llamba: interrupted by {e.name}; {kept}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        _fail("interrupted", 130)
+        _fail("interrupted; what was written is kept: rerun the same command to resume", 130)
     except click_exc.UsageError as e:
         hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
         _fail(f"{e.format_message()}{hint}", 2)

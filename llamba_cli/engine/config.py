@@ -48,9 +48,22 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.slots <= 240, f"slots must be between 1 and 240, got {self.slots}")
         _check(self.n_ctx_seq >= 16, f"ctx must be at least 16 tokens, got {self.n_ctx_seq}")
+        # llama.cpp reserves an output row per sequence and aborts the process
+        # (GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)) unless
+        # n_seq_max <= min(n_batch, n_ctx); sequences are the slots plus the prefix ones.
+        n_seq = self.slots + self.prefix_slots
         _check(
-            self.n_batch >= self.slots, f"n_batch ({self.n_batch}) must be >= slots ({self.slots})"
+            self.n_batch >= n_seq,
+            f"n-batch ({self.n_batch}) must be at least {n_seq}: llama.cpp needs an output "
+            f"row per sequence ({self.slots} slot{'s' if self.slots != 1 else ''}"
+            + (f" + {self.prefix_slots} for the prefix cache" if self.prefix_slots else "")
+            + "); raise --n-batch or lower --slots",
         )
+        _check(self.n_ctx >= n_seq, f"the KV cache ({self.n_ctx} cells) is too small")
+        # llama.cpp takes these as 32-bit integers; larger values would wrap silently.
+        _check(self.n_ctx < 1 << 31, f"slots x ctx must be below 2**31 tokens, got {self.n_ctx}")
+        _check(self.n_batch <= 1 << 20, f"n-batch must be at most {1 << 20}, got {self.n_batch}")
+        _check(self.n_threads <= 1024, f"threads must be at most 1024, got {self.n_threads}")
         _check(self.n_threads >= 1, f"threads must be >= 1, got {self.n_threads}")
         _check(
             self.flash_attn in FLASH_ATTN_MODES,
@@ -98,11 +111,17 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(
+            0 <= self.temperature < math.inf,
+            f"temperature must be a finite number >= 0, got {self.temperature}",
+        )
         _check(self.top_k >= 0, f"top-k must be >= 0 (0 = off), got {self.top_k}")
         _check(0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}")
         _check(0 <= self.min_p < 1, f"min-p must be in [0, 1), got {self.min_p}")
-        _check(self.repeat_penalty > 0, f"repeat-penalty must be > 0, got {self.repeat_penalty}")
+        _check(
+            0 < self.repeat_penalty < math.inf,
+            f"repeat-penalty must be a finite number > 0, got {self.repeat_penalty}",
+        )
         _check(
             -2 <= self.presence_penalty <= 2,
             f"presence-penalty must be in [-2, 2], got {self.presence_penalty}",

@@ -51,6 +51,8 @@ def check_gguf(path: str | Path) -> Path:
         raise ModelError(f"model file not found: {p}")
     if p.is_dir():
         raise ModelError(f"model path is a directory, not a GGUF file: {p}")
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise ModelError(f"model path is not a regular file: {p}")
     try:
         with p.open("rb") as f:
             magic = f.read(4)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from llamba_cli.errors import RowError
-from llamba_cli.job.execute import Job, JobSummary
+from llamba_cli.job.execute import Job, JobSummary, check_outputs
 from llamba_cli.job.spec import JobSpec
+from llamba_cli.job.store import preflight
 
 
 @dataclass
@@ -45,9 +47,15 @@ class ValidationReport:
 
 
 def validate_job(spec: JobSpec) -> ValidationReport:
-    """Open everything a run would (input, columns, labels, model) and tokenize every
-    prompt (or `--limit` of them) against the per-sequence context."""
+    """Open everything a run would (input, columns, labels, model, output) and tokenize
+    every prompt (or `--limit` of them) against the per-sequence context.  What a run
+    would refuse before starting raises the same error here."""
+    if spec.output:
+        check_outputs(spec)
     job = Job(spec)
+    if spec.output:
+        out = Path(spec.output).expanduser()
+        preflight(out, fingerprint=job.fingerprint, overwrite=spec.overwrite)
     report = ValidationReport(limit=spec.ctx, format=job.format.name, model=job.model_path.name)
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):

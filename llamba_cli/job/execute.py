@@ -9,6 +9,7 @@ in input order through a reorder buffer bounded by what is in flight.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,15 +17,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
+import pyarrow as pa
 
 from llamba_cli.engine import Engine, EngineConfig, Model, Request, normalize
 from llamba_cli.errors import ConfigError, OutputError, RowError
+from llamba_cli.job.columns import fits, kept_name, output_schema
+from llamba_cli.job.durable import atomic_write
+from llamba_cli.job.ids import SeenIds, id_hash
+from llamba_cli.job.interrupt import Interrupted
 from llamba_cli.job.models import model_identity, resolve_model_path
 from llamba_cli.job.prompts import PromptBuilder, PromptSpec, format_from_gguf, load_format
-from llamba_cli.job.readers import InputRow, InputSource, open_input
-from llamba_cli.job.seen import SeenIds
+from llamba_cli.job.readers import InputRow, InputSource, ParquetSource, open_input
 from llamba_cli.job.spec import JobSpec
-from llamba_cli.job.store import OutputStore
+from llamba_cli.job.store import OutputStore, check_location, output_format
 from llamba_cli.job.structured import Constraint, load_constraint
 
 
@@ -100,12 +105,27 @@ class JobSummary:
 
 def row_seed(base: int, row_id: str, sample: int) -> int:
     """A row's own seed: stable across runs, shards and batch composition."""
-    digest = hashlib.blake2b(f"{base}\0{row_id}\0{sample}".encode(), digest_size=8).digest()
+    key = f"{base}\0{row_id}\0{sample}".encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(key, digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def id_hash(row_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little")
+# Parquet types that survive the trip through Python values unchanged; a kept input
+# column of any other type (timestamps, decimals, maps, ...) is written as text.
+def _plain_type(kind: pa.DataType) -> bool:
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _plain_type(kind.value_type)
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(
+            _plain_type(kind.field(i).type) for i in range(kind.num_fields)
+        )
+    return (
+        pa.types.is_boolean(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    )
 
 
 class Job:
@@ -125,6 +145,11 @@ class Job:
         self.constraint: Constraint | None = load_constraint(spec.json_schema, spec.grammar)
         self.model_path = resolve_model_path(spec.model)
         self.model = model or Model(self.model_path, n_gpu_layers=spec.n_gpu_layers)
+        if spec.ctx > self.model.n_ctx_train:
+            raise ConfigError(
+                f"ctx ({spec.ctx}) is larger than the model's training context "
+                f"({self.model.n_ctx_train})"
+            )
         if self.constraint is not None:
             self.constraint.check(self.model)
         self.format = self._prompt_format()
@@ -141,10 +166,9 @@ class Job:
         )
         self.builder.check_columns(self.source.columns)
         if self.labels is not None:
-            for label in self.labels:
-                if not self.model.tokenize(label, add_bos=False):
-                    raise ConfigError(f"label {label!r} has no tokens in this model's vocabulary")
+            self._check_label_tokens(self.labels)
         self.fingerprint = spec.fingerprint(model_identity(self.model_path), self.format.name)
+        self._max_prompt_bytes: int | None = None
 
     def _check_labels(self) -> tuple[str, ...]:
         labels = self.spec.label_list()
@@ -161,6 +185,20 @@ class Job:
             seen.add(label)
         return labels
 
+    def _check_label_tokens(self, labels: tuple[str, ...]) -> None:
+        """Every label must have tokens, and fit in a sequence after the shortest prompt
+        (BOS and one token), or every row would fail."""
+        for label in labels:
+            n = len(self.model.tokenize(label, add_bos=False))
+            if not n:
+                raise ConfigError(f"label {label!r} has no tokens in this model's vocabulary")
+            joined = len(self.model.tokenize(self.spec.label_delimiter + label, add_bos=False))
+            if max(n, joined) + 2 > self.spec.ctx:
+                raise ConfigError(
+                    f"label {label[:40]!r} has {max(n, joined)} tokens: no prompt fits before it"
+                    f" in a sequence of {self.spec.ctx} tokens (raise --ctx)"
+                )
+
     def _prompt_format(self) -> Any:
         name = self.spec.format
         if name == "auto":
@@ -172,6 +210,25 @@ class Job:
                 raise ConfigError("--format gguf: this model file has no chat template")
             return format_from_gguf(tmpl)
         return load_format(name)
+
+    def output_schema(self) -> pa.Schema:
+        """The Parquet schema of this job's output (see `job.columns`)."""
+        constraint = self.constraint
+        kept: list[tuple[str, pa.DataType]] = []
+        for column in self.spec.keep_columns:
+            kind = pa.string()
+            if isinstance(self.source, ParquetSource):
+                source_type = self.source.schema.field(column).type
+                kind = source_type if _plain_type(source_type) else pa.string()
+            kept.append((column, kind))
+        return output_schema(
+            task=self.spec.task,
+            labels=self.labels,
+            samples=self.spec.n > 1,
+            json_type=constraint.json_type if constraint is not None else None,
+            with_json=constraint is not None and constraint.is_json,
+            kept=kept,
+        )
 
     # -- rows -------------------------------------------------------------------------
 
@@ -198,65 +255,128 @@ class Job:
             yield row
 
     def prompt(self, row: InputRow) -> str:
-        """The prompt text of one row; RowError if the row cannot give one."""
+        """The prompt text of one row; RowError if the row cannot give one, or if its
+        prompt is too long to fit in a sequence by its size alone (no tokenizing)."""
         if row.error is not None or row.data is None:
             raise RowError(row.error or "unreadable row")
-        return self.builder.build(row.data)
+        prompt = self.builder.build(row.data)
+        if len(prompt) > self.spec.ctx:  # cheap: a token holds at least one byte
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            limit = self.max_prompt_bytes()
+            if size > limit:
+                raise RowError(
+                    f"prompt is {size} bytes; a sequence of {self.spec.ctx} tokens (--ctx) "
+                    f"holds at most {limit} bytes of this model's text"
+                )
+        return prompt
+
+    def max_prompt_bytes(self) -> int:
+        """The most bytes of text that can fit in `ctx` tokens: `ctx` times the longest
+        token's text (measured once, over the whole vocabulary, on first use)."""
+        if self._max_prompt_bytes is None:
+            longest = max(len(self.model.token_text(t).encode()) for t in range(self.model.n_vocab))
+            self._max_prompt_bytes = self.spec.ctx * max(longest, 1)
+        return self._max_prompt_bytes
 
     def engine_config(self) -> EngineConfig:
-        s = self.spec
-        kwargs: dict[str, Any] = {}
-        if s.threads is not None:
-            kwargs["n_threads"] = s.threads
-        return EngineConfig(
-            model_path=str(self.model_path),
-            slots=s.slots,
-            n_ctx_seq=s.ctx,
-            n_batch=s.n_batch,
-            flash_attn=s.flash_attn,
-            n_gpu_layers=s.n_gpu_layers,
-            prefix_cache=s.prefix_cache,
-            **kwargs,
-        )
+        return self.spec.engine_config(str(self.model_path))
+
+
+def read_paths(spec: JobSpec) -> list[Path]:
+    """Files a job reads: none of them may be written as its output."""
+    paths = [Path(spec.input), resolve_model_path(spec.model)]
+    paths += [Path(p) for p in (spec.labels_file, spec.json_schema, spec.grammar) if p]
+    if spec.format.endswith(".toml") or "/" in spec.format:
+        paths.append(Path(spec.format))
+    return [p.expanduser() for p in paths]
+
+
+def check_outputs(spec: JobSpec) -> None:
+    """Fail before any work if the output or metrics path can never be written, or is
+    one of the files the job reads (through links too)."""
+    if not spec.output:
+        raise ConfigError("an output path is needed: -o/--output FILE (.parquet or .jsonl)")
+    output = Path(spec.output).expanduser()
+    output_format(output)
+    check_location(output)
+    written = [("output", output)]
+    if spec.metrics_json:
+        metrics = Path(spec.metrics_json).expanduser()
+        if metrics.is_dir() or (metrics.exists() and not metrics.is_file()):
+            raise OutputError(f"cannot write metrics to '{metrics}': not a regular file")
+        check_location(metrics)
+        if _same_file(metrics, output):
+            raise OutputError(f"--metrics-json '{metrics}' is the output file")
+        written.append(("--metrics-json", metrics))
+    for what, path in written:
+        for read in read_paths(spec):
+            if _same_file(path, read):
+                raise OutputError(
+                    f"the {what} path '{path}' is a file this job reads ('{read}'); "
+                    "choose another path"
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
     """Run `spec` to completion (or abort at `max_errors`), writing its output.
 
     Raises LlambaError subclasses for problems found before any row runs; a row's
-    own problem becomes an error row.  On KeyboardInterrupt what was written stays
-    resumable."""
+    own problem becomes an error row.  On `Interrupted` (or KeyboardInterrupt) what
+    was generated is flushed and stays resumable; the exception is re-raised with
+    `kept` saying where."""
     progress = progress or NoProgress()
-    if not spec.output:
-        raise ConfigError("an output path is needed: -o/--output FILE (.parquet or .jsonl)")
+    check_outputs(spec)
     job = Job(spec)
+    engine = Engine(job.engine_config(), model=job.model)
+    try:
+        return _run(job, engine, progress)
+    finally:
+        engine.close()
+
+
+def _run(job: Job, engine: Engine, progress: ProgressSink) -> JobSummary:
+    spec = job.spec
+    assert spec.output is not None
     store = OutputStore(
-        spec.output,
+        Path(spec.output).expanduser(),
         fingerprint=job.fingerprint,
         overwrite=spec.overwrite,
         retry_errors=spec.retry_errors,
         flush_rows=spec.flush_rows,
         flush_seconds=spec.flush_seconds,
+        schema=job.output_schema(),
     )
     summary = JobSummary(task=spec.task, output=str(store.path), fingerprint=job.fingerprint)
-    if store.done_count:
-        progress.note(f"resuming: {store.done_count} rows already in {store.path.name}")
-    engine = Engine(job.engine_config(), model=job.model)
-    total = job.source.count_rows()
-    if total is not None:
-        shard = spec.shard_index()
-        total = max(0, (total // shard[1] if shard else total) - store.done_count)
-        if spec.limit is not None:
-            total = min(total, spec.limit)
-        total *= spec.n
-    progress.start(total, "samples" if spec.n > 1 else "rows")
-    t0 = time.perf_counter()
-    writer = _ResultWriter(job, store, summary, progress)
     try:
+        if store.done_count:
+            progress.note(f"resuming: {store.done_count} rows already in {store.path.name}")
+        total = job.source.count_rows()
+        if total is not None:
+            shard = spec.shard_index()
+            total = max(0, (total // shard[1] if shard else total) - store.done_count)
+            if spec.limit is not None:
+                total = min(total, spec.limit)
+            total *= spec.n
+        progress.start(total, "samples" if spec.n > 1 else "rows")
+        t0 = time.perf_counter()
+        writer = _ResultWriter(job, store, summary, progress)
         for req in engine.run(writer.requests()):
             writer.finished(req)
             if spec.max_errors is not None and summary.errors > spec.max_errors:
-                summary.aborted = f"more than {spec.max_errors} rows ended in error (--max-errors)"
+                summary.aborted = (
+                    f"more than {spec.max_errors} rows ended in error (--max-errors); what was"
+                    " written is kept: fix the input and rerun with --retry-errors, or rerun"
+                    " with a higher --max-errors"
+                )
                 break
         summary.wall_seconds = time.perf_counter() - t0
         _collect_stats(summary, engine)
@@ -264,15 +384,22 @@ def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
             store.close()
         else:
             store.finalize()
-    except BaseException:
+    except BaseException as exc:
         store.close()
+        if isinstance(exc, Interrupted):
+            exc.kept = _kept(store)
         raise
-    finally:
-        engine.close()
     summary.errors_fail = spec.max_errors is None and summary.errors > 0
     if spec.metrics_json:
         write_metrics(spec.metrics_json, summary)
     return summary
+
+
+def _kept(store: OutputStore) -> str:
+    total = store.done_count + store.rows_kept
+    if not store.work_dir.exists():
+        return "nothing was written yet"
+    return f"{total} rows are kept in '{store.work_dir}'; rerun the same command to resume"
 
 
 def _collect_stats(summary: JobSummary, engine: Engine) -> None:
@@ -284,12 +411,10 @@ def _collect_stats(summary: JobSummary, engine: Engine) -> None:
 
 
 def write_metrics(path: str, summary: JobSummary) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
+    p = Path(path).expanduser()
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2))
-        tmp.replace(p)
+        atomic_write(p, orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2))
     except OSError as e:
         raise OutputError(f"cannot write metrics to {p}: {e.strerror or e}") from None
 
@@ -354,8 +479,14 @@ class _ResultWriter:
         if constraint is not None and with_json and req.error is None:
             try:
                 json_value = constraint.json_value(req.text, self.store.format)
-            except ValueError as e:  # the grammar rules this out; never pass broken JSON on
+            except (ValueError, TypeError, AttributeError) as e:
+                # the grammar rules this out; never pass broken JSON on
                 req.error = f"output is not valid JSON: {e}"
+            kind = constraint.json_type
+            if self.store.format == "parquet" and kind is not None and not fits(json_value, kind):
+                # e.g. an integer beyond 64 bits, which JSON allows and Parquet cannot hold
+                req.error = f"output JSON does not fit the Parquet column type {kind}"
+                json_value = None
         if self.job.labels is None:
             out["text"] = req.text if req.error is None else None
             if with_json:
@@ -371,7 +502,7 @@ class _ResultWriter:
         out["error"] = req.error
         data = row.data or {}
         for col in spec.keep_columns:
-            out[col if col not in out else f"input_{col}"] = data.get(col)
+            out[kept_name(col, list(out))] = data.get(col)
         self.store.write(out)
         self.summary.rows_written += 1
         failed = req.error is not None

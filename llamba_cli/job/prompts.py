@@ -6,29 +6,33 @@ through `format_from_gguf`.  `PromptBuilder` takes the user content of a row
 (`--template`, else the prompt column, else the messages column), makes it a
 conversation, adds the `--system` message, and renders it through the format.
 
-Every template is rendered in Jinja's immutable sandbox, and reaching for an
-unsafe attribute (`__class__`, `__globals__`, ...) raises at once: a chat template
-read from a model file is untrusted input, and the sandbox alone would quietly
-render such an access as an empty string and carry on.
+Every template is rendered in a bounded Jinja sandbox (`job.sandbox`): reaching for
+an unsafe attribute (`__class__`, `__globals__`, ...) raises at once, and what a
+render may build, output and loop over is bounded, since a chat template read from a
+model file is untrusted input.
+
+Messages follow OpenAI's shape: roles `system`, `developer` (taken as `system`),
+`user`, `assistant` and `tool`; `content` a string, or a list of text parts
+(`{"type": "text", "text": ...}`) joined with newlines.
 """
 
 from __future__ import annotations
 
-import json
 import numbers
 import string
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jinja2
+import orjson
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llamba_cli.errors import ConfigError, RowError, TemplateError
+from llamba_cli.job.sandbox import BoundedSandbox, Budget, is_template_raise, rendering
+from llamba_cli.job.userfiles import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,7 +45,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _FORMAT_DIRS = (_PACKAGE_DIR / "formats", _PACKAGE_DIR.parent / "formats")
 
 _FORMAT_KEYS = ("description", "template", "stop")
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Rendered once when a builder is made, so a template that cannot render even the
 # simplest conversation stops the job before the first row.
 _PROBE_TEXT = "llamba format check"
@@ -110,13 +114,8 @@ def _formats_dir() -> Path | None:
 
 def _read_format_file(path: Path, name: str) -> PromptFormat:
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"prompt format file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read prompt format file {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        data = tomllib.loads(read_text(path, "prompt format file"))
+    except tomllib.TOMLDecodeError as exc:
         raise TemplateError(f"prompt format file {path} is not valid TOML: {exc}") from None
 
     unknown = sorted(set(data) - set(_FORMAT_KEYS))
@@ -239,8 +238,8 @@ def _row_messages(value: Any, column: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         # CSV cannot hold a list, so a JSON-encoded one is accepted there.
         try:
-            value = json.loads(value)
-        except ValueError:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
             raise RowError(f"column {column!r} is text but not a JSON list of messages") from None
     if not isinstance(value, (list, tuple)) or not value:
         raise RowError(f"column {column!r} must be a non-empty list of {{role, content}} messages")
@@ -249,63 +248,49 @@ def _row_messages(value: Any, column: str) -> list[dict[str, str]]:
         where = f"{column}[{index}]"
         if not isinstance(message, Mapping):
             raise RowError(f"{where} is a {type(message).__name__}, not a {{role, content}} object")
-        role, content = message.get("role"), message.get("content")
+        role = message.get("role")
         if role not in _ROLES:
             raise RowError(f"{where} has role {role!r}; expected one of {', '.join(_ROLES)}")
-        if not isinstance(content, str):
-            raise RowError(f"{where} content is a {type(content).__name__}, not a string")
-        messages.append({"role": role, "content": content})
+        content = _content_text(message.get("content"), where)
+        messages.append({"role": "system" if role == "developer" else role, "content": content})
     return messages
 
 
-class _TemplateRaised(Exception):
-    """Raised by a template's own `raise_exception(...)`."""
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI-style text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)) and content:
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif (
+                isinstance(part, Mapping)
+                and part.get("type", "text") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise RowError(
+                    f"{where} content has a {kind!r} part; only text parts are supported"
+                )
+        return "\n".join(texts)
+    raise RowError(
+        f"{where} content is a {type(content).__name__}, not a string or a list of text parts"
+    )
 
 
 class _RenderFailure(Exception):
     """A template failed on one conversation; the caller decides whose fault it is."""
 
 
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, failing at once on unsafe attributes instead of
-    returning an undefined value that renders as an empty string."""
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
-        raise SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
-
-
-def _raise_exception(message: str) -> NoReturn:
-    raise _TemplateRaised(message)
-
-
-def _strftime_now(date_format: str) -> str:
-    return datetime.now().strftime(date_format)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Hugging Face's `tojson`: plain JSON, unlike Jinja's HTML-escaping built-in.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _sandbox() -> _StrictSandbox:
+def _sandbox() -> BoundedSandbox:
     """An environment rendering like `transformers`' `apply_chat_template`."""
-    env = _StrictSandbox(
+    return BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.filters["tojson"] = _tojson
-    return env
 
 
 def _one_line(text: object) -> str:
@@ -400,24 +385,26 @@ class PromptBuilder:
     def _render(self, messages: list[dict[str, str]]) -> str:
         """Render through the sandbox; `TemplateError` for an unsafe template,
         `_RenderFailure` for any other failure."""
+        content = sum(len(m["content"]) for m in messages)
         try:
             # `tools` and `documents` are None as in transformers, for model
             # templates that test them.
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                tools=None,
-                documents=None,
-                **self._tokens,
-            )
+            with rendering(Budget.for_content(content)):
+                return self._template.render(
+                    messages=messages,
+                    add_generation_prompt=True,
+                    tools=None,
+                    documents=None,
+                    **self._tokens,
+                )
         except SecurityError as exc:
             raise TemplateError(
                 f"prompt format {self.fmt.name!r} attempted an unsafe operation and was "
                 f"stopped: {_describe(exc)}"
             ) from None
-        except _TemplateRaised as exc:
-            raise _RenderFailure(_one_line(exc)) from None
         except Exception as exc:
+            if is_template_raise(exc):
+                raise _RenderFailure(_one_line(exc)) from None
             # Whatever a template does wrong (undefined values, type errors) is a
             # failure of that template, never of this program.
             raise _RenderFailure(_describe(exc)) from None

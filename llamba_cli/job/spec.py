@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from llamba_cli.engine import EngineConfig, SamplingParams
 from llamba_cli.errors import ConfigError
+from llamba_cli.job.userfiles import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,10 +100,33 @@ class JobSpec:
             raise ConfigError(f"limit must be >= 0, got {self.limit}")
         if self.max_errors is not None and self.max_errors < 0:
             raise ConfigError(f"max-errors must be >= 0, got {self.max_errors}")
-        if self.flush_rows < 1 or self.flush_seconds <= 0:
-            raise ConfigError("flush-rows must be >= 1 and flush-seconds > 0")
+        if self.flush_rows < 1 or not 0 < self.flush_seconds < math.inf:
+            raise ConfigError("flush-rows must be >= 1 and flush-seconds a finite number > 0")
+        if not 0 <= self.seed < 1 << 64:
+            raise ConfigError(f"seed must be between 0 and {(1 << 64) - 1}, got {self.seed}")
+        if not -1 <= self.n_gpu_layers < 1 << 31:
+            raise ConfigError(f"n-gpu-layers must be -1 (all) or more, got {self.n_gpu_layers}")
+        if self.id_column == "":
+            raise ConfigError("id-column must not be empty")
         self.shard_index()  # validates the shard spelling
         self.sampling()  # validates sampling values
+        self.engine_config("")  # validates engine values, before any model loads
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        """The engine settings of this job for the model at `model_path`."""
+        kwargs: dict[str, Any] = {}
+        if self.threads is not None:
+            kwargs["n_threads"] = self.threads
+        return EngineConfig(
+            model_path=model_path,
+            slots=self.slots,
+            n_ctx_seq=self.ctx,
+            n_batch=self.n_batch,
+            flash_attn=self.flash_attn,
+            n_gpu_layers=self.n_gpu_layers,
+            prefix_cache=self.prefix_cache,
+            **kwargs,
+        )
 
     # -- derived --------------------------------------------------------------------
 
@@ -134,12 +159,7 @@ class JobSpec:
     def label_list(self) -> tuple[str, ...]:
         """The label set: `labels`, or one label per non-empty line of `labels_file`."""
         if self.labels_file:
-            try:
-                text = Path(self.labels_file).read_text(encoding="utf-8")
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot read labels file {self.labels_file}: {e.strerror or e}"
-                ) from None
+            text = read_text(self.labels_file, "labels file")
             return tuple(line.strip() for line in text.splitlines() if line.strip())
         return self.labels
 
@@ -149,6 +169,8 @@ class JobSpec:
             "task": self.task,
             "model": model_identity,
             "format": prompt_format,
+            "id_column": self.id_column,
+            "ctx": self.ctx,
             "prompt": {
                 "prompt_column": self.prompt_column,
                 "messages_column": self.messages_column,
@@ -174,8 +196,8 @@ def _file_digest(path: str | None) -> str | None:
     if not path:
         return None
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
+        return hashlib.sha256(read_text(path, "file").encode()).hexdigest()[:16]
+    except ConfigError:
         return None
 
 
@@ -184,13 +206,9 @@ _FIELDS = {f.name: f for f in dataclasses.fields(JobSpec) if f.name != "extra"}
 
 def load_job_file(path: str | Path) -> dict[str, Any]:
     """Read a job file into a flat dict of JobSpec fields (paths made absolute)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"job file not found: {p}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read job file {p}: {e.strerror or e}") from None
+        raw = tomllib.loads(read_text(p, "job file"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"job file {p} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
@@ -201,8 +219,9 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
         else:
             _put(flat, key, value, p)
     for key in _PATH_KEYS:
-        if isinstance(flat.get(key), str) and not Path(flat[key]).expanduser().is_absolute():
-            flat[key] = str((p.parent / flat[key]).resolve())
+        if isinstance(flat.get(key), str):
+            given = Path(flat[key]).expanduser()
+            flat[key] = str(given if given.is_absolute() else (p.parent / given).resolve())
     return flat
 
 
@@ -226,6 +245,8 @@ def build_spec(values: dict[str, Any]) -> JobSpec:
         if f is None:
             raise ConfigError(f"unknown job setting {key!r}")
         clean[key] = _coerce(key, value, str(f.type))
+        if key in _PATH_KEYS and isinstance(clean[key], str) and clean[key].startswith("~"):
+            clean[key] = str(Path(clean[key]).expanduser())
     for required in ("task", "input"):
         if required not in clean:
             raise ConfigError(f"a job needs {required!r}")

@@ -139,7 +139,7 @@ BAD_CASES = [
     ),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--format", "nope"], "nope"),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--shard", "3/2"], "shard"),
-    (["run", "jobs/missing.toml"], "job file not found"),
+    (["run", "jobs/missing.toml"], "no such file"),
 ]
 
 
