@@ -363,6 +363,14 @@ _GENERATE_ONLY = {
     "stop",
 }
 _CLASSIFY_ONLY = {"labels", "labels_file", "label_delimiter"}
+_PROMPT_ONLY = {
+    "id_column",
+    "prompt_column",
+    "messages_column",
+    "template",
+    "system",
+    "keep_columns",
+}
 
 
 def _command(name: str, first: inspect.Parameter, skip: set[str], help: str) -> None:
@@ -415,6 +423,21 @@ _command(
     _INPUT,
     _GENERATE_ONLY,
     "Classify every row: restrict the answer to --labels and report each label's probability.",
+)
+_command(
+    "batch",
+    inspect.Parameter(
+        "input",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            str,
+            typer.Argument(
+                help="OpenAI Batch file (.jsonl): one request a line.", show_default=False
+            ),
+        ],
+    ),
+    _GENERATE_ONLY | _CLASSIFY_ONLY | _PROMPT_ONLY,
+    "Run an OpenAI Batch file (chat, completion and classify requests); OpenAI's output lines.",
 )
 _command("run", _JOB, set(), "Run a job file; flags override its settings.")
 _command(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llamba_cli.errors import RowError
-from llamba_cli.job.execute import Job, JobSummary, check_outputs
+from llamba_cli.job.execute import JobSummary, check_outputs, open_job
 from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.store import preflight
 
@@ -52,7 +52,7 @@ def validate_job(spec: JobSpec) -> ValidationReport:
     would refuse before starting raises the same error here."""
     if spec.output:
         check_outputs(spec)
-    job = Job(spec)
+    job = open_job(spec)
     if spec.output:
         out = Path(spec.output).expanduser()
         preflight(out, fingerprint=job.fingerprint, overwrite=spec.overwrite)
@@ -76,7 +76,7 @@ def dry_run(spec: JobSpec, default_rows: int = 5) -> Iterator[tuple[str, int, st
     """(id, prompt tokens, prompt text) of the first rows (`--limit`, default 5)."""
     if spec.limit is None:
         spec = replace(spec, limit=default_rows)
-    job = Job(spec)
+    job = open_job(spec)
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
         try:

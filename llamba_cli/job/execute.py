@@ -128,8 +128,22 @@ def _plain_type(kind: pa.DataType) -> bool:
     )
 
 
+class RowWriter(Protocol):
+    """Turns a job's input rows into engine requests, and finished requests into output
+    rows (in input order, through the job's `OutputStore`)."""
+
+    def requests(self) -> Iterator[Request]: ...
+    def finished(self, req: Request) -> None: ...
+
+
 class Job:
-    """A prepared job: input opened, labels and columns checked, model loaded."""
+    """A prepared job: input opened, labels and columns checked, model loaded.
+
+    `open_job` picks the class for a spec's task; a subclass (`job.batch.BatchJob`)
+    changes how input is checked (`check_input`), the output's id column
+    (`id_field`) and schema, and how rows become requests and output (`writer`)."""
+
+    id_field = "id"
 
     def __init__(self, spec: JobSpec, *, model: Model | None = None) -> None:
         self.spec = spec
@@ -164,11 +178,18 @@ class Job:
             bos_token=self.model.token_text(self.model.bos),
             eos_token=self.model.token_text(self.model.eos),
         )
-        self.builder.check_columns(self.source.columns)
+        self.check_input()
         if self.labels is not None:
             self._check_label_tokens(self.labels)
         self.fingerprint = spec.fingerprint(model_identity(self.model_path), self.format.name)
         self._max_prompt_bytes: int | None = None
+
+    def check_input(self) -> None:
+        """Fail before any row runs if the input cannot give prompts (model loaded)."""
+        self.builder.check_columns(self.source.columns)
+
+    def writer(self, store: OutputStore, summary: JobSummary, progress: ProgressSink) -> RowWriter:
+        return _ResultWriter(self, store, summary, progress)
 
     def _check_labels(self) -> tuple[str, ...]:
         labels = self.spec.label_list()
@@ -282,6 +303,15 @@ class Job:
         return self.spec.engine_config(str(self.model_path))
 
 
+def open_job(spec: JobSpec, *, model: Model | None = None) -> Job:
+    """The prepared job for `spec`, of the class its task needs."""
+    if spec.task == "batch":
+        from llamba_cli.job.batch import BatchJob  # builds on this module
+
+        return BatchJob(spec, model=model)
+    return Job(spec, model=model)
+
+
 def read_paths(spec: JobSpec) -> list[Path]:
     """Files a job reads: none of them may be written as its output."""
     paths = [Path(spec.input), resolve_model_path(spec.model)]
@@ -335,7 +365,7 @@ def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
     `kept` saying where."""
     progress = progress or NoProgress()
     check_outputs(spec)
-    job = Job(spec)
+    job = open_job(spec)
     engine = Engine(job.engine_config(), model=job.model)
     try:
         return _run(job, engine, progress)
@@ -354,6 +384,7 @@ def _run(job: Job, engine: Engine, progress: ProgressSink) -> JobSummary:
         flush_rows=spec.flush_rows,
         flush_seconds=spec.flush_seconds,
         schema=job.output_schema(),
+        id_field=job.id_field,
     )
     summary = JobSummary(task=spec.task, output=str(store.path), fingerprint=job.fingerprint)
     try:
@@ -368,7 +399,7 @@ def _run(job: Job, engine: Engine, progress: ProgressSink) -> JobSummary:
             total *= spec.n
         progress.start(total, "samples" if spec.n > 1 else "rows")
         t0 = time.perf_counter()
-        writer = _ResultWriter(job, store, summary, progress)
+        writer = job.writer(store, summary, progress)
         for req in engine.run(writer.requests()):
             writer.finished(req)
             if spec.max_errors is not None and summary.errors > spec.max_errors:

@@ -25,7 +25,30 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TASKS = ("generate", "classify")
+TASKS = ("generate", "classify", "batch")
+# A batch job's requests carry their own prompts and sampling (`job.batch`).
+_NOT_BATCH = (
+    "prompt_column",
+    "messages_column",
+    "template",
+    "system",
+    "keep_columns",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "stop",
+    "n",
+    "json_schema",
+    "grammar",
+    "labels",
+    "labels_file",
+    "label_delimiter",
+)
 _PATH_KEYS = ("input", "output", "model", "metrics_json", "json_schema", "grammar", "labels_file")
 _TABLES = ("prompt", "sampling", "engine", "run", "classify")
 # Defaults come from the engine's own config classes, so the two never drift apart.
@@ -94,6 +117,8 @@ class JobSpec:
                 raise ConfigError("n applies to generate only")
             if self.json_schema or self.grammar:
                 raise ConfigError("json-schema and grammar apply to generate only")
+        if self.task == "batch":
+            self._check_batch()
         if self.json_schema and self.grammar:
             raise ConfigError("give either --json-schema or --grammar, not both")
         if self.limit is not None and self.limit < 0:
@@ -111,6 +136,20 @@ class JobSpec:
         self.shard_index()  # validates the shard spelling
         self.sampling()  # validates sampling values
         self.engine_config("")  # validates engine values, before any model loads
+
+    def _check_batch(self) -> None:
+        """A batch job's rows are identified by `custom_id` and bring their own prompt
+        and sampling in their bodies: the settings that would say otherwise are refused."""
+        if self.id_column is None:
+            object.__setattr__(self, "id_column", "custom_id")
+        elif self.id_column != "custom_id":
+            raise ConfigError("a batch job's rows are identified by custom_id (no id-column)")
+        given = [name for name in _NOT_BATCH if getattr(self, name) != _FIELDS[name].default]
+        if given:
+            raise ConfigError(
+                f"{given[0].replace('_', '-')} does not apply to a batch job: each request's"
+                " body carries its prompt and sampling"
+            )
 
     def engine_config(self, model_path: str) -> EngineConfig:
         """The engine settings of this job for the model at `model_path`."""
@@ -186,7 +225,7 @@ class JobSpec:
             fp["sampling"] = s
             fp["n"] = self.n
             fp["constraint"] = _file_digest(self.json_schema or self.grammar)
-        else:
+        elif self.task == "classify":
             fp["labels"] = list(self.label_list())
             fp["label_delimiter"] = self.label_delimiter
         return fp
