@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from llamba_cli.errors import ConfigError
 
 FLASH_ATTN_MODES = ("auto", "on", "off")
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
 
 
 def default_threads() -> int:
@@ -58,6 +59,7 @@ class EngineConfig:
         )
         _check(self.prefix_min_tokens >= 1, "prefix_min_tokens must be >= 1")
         _check(self.prefix_cache_tokens >= 0, "prefix_cache_tokens must be >= 0")
+        _check(self.lookahead >= 1, f"lookahead must be >= 1, got {self.lookahead}")
 
     @property
     def n_ctx(self) -> int:
@@ -80,7 +82,10 @@ class SamplingParams:
     temperature 0 is greedy.  Penalties look at the last `repeat_last_n` generated
     tokens.  `logit_bias` maps token id -> additive bias (OpenAI semantics; -inf bans).
     `seed` fixes this request's own random stream, so its draws do not depend on
-    which other requests share a batch.
+    which other requests share a batch.  `logprobs`: None for none; 0 for each
+    generated token's log-probability; 1..20 for that many top alternatives as well
+    (log-softmax of the logits after logit bias: the model's distribution, before
+    penalties, grammar and the top-k/top-p/min-p/temperature chain).
     """
 
     temperature: float = 0.8
@@ -96,6 +101,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
@@ -117,6 +123,11 @@ class SamplingParams:
         for tok, bias in self.logit_bias:
             _check(tok >= 0, f"logit bias token ids must be >= 0, got {tok}")
             _check(not math.isnan(bias), "logit bias must be a number")
+        if self.logprobs is not None:
+            _check(
+                0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+            )
 
     @property
     def greedy(self) -> bool:

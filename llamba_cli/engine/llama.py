@@ -295,6 +295,10 @@ class Context:
         """Share `src`'s cells in [p0, p1) with `dst` (unified KV: tags only, no copy)."""
         lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
+    def seq_pos_max(self, seq_id: int) -> int:
+        """The highest position `seq_id` holds, -1 when it holds no cells."""
+        return int(lc.llama_memory_seq_pos_max(self._mem, seq_id))
+
 
 # -- constrained decoding -----------------------------------------------------------
 
