@@ -28,13 +28,15 @@ try:  # recent typer vendors its own copy of click
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
 from llamba_cli.cli import serve
+from llamba_cli.cli.options import OPTIONS
 from llamba_cli.cli.progress import LogProgress, RichProgress
 from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.checks import dry_run, validate_job
-from llamba_cli.job.execute import JobSummary, run_job
+from llamba_cli.job.execute import run_job
+from llamba_cli.job.formats import list_formats, load_format
 from llamba_cli.job.interrupt import Interrupted, signals_raise
-from llamba_cli.job.prompts import list_formats, load_format
-from llamba_cli.job.spec import build_spec, load_job_file
+from llamba_cli.job.spec import BATCH_REFUSED, SETTINGS, build_spec, load_job_file
+from llamba_cli.job.summary import JobSummary
 
 app = typer.Typer(
     name="llamba",
@@ -50,346 +52,44 @@ err = Console(stderr=True, highlight=False, markup=False)
 out = Console(highlight=False, markup=False)
 
 
-def _opt(*names: str, help: str, **kw: Any) -> Any:
-    return typer.Option(*names, help=help, **kw)
+# A batch file's lines carry their prompt and sampling, and custom_id is their id.
+_NOT_BATCH = {*BATCH_REFUSED, "id_column"}
+
+_DRY_RUN = typer.Option(
+    "--dry-run", help="Render prompts and token counts; generate nothing.", rich_help_panel="Run"
+)
 
 
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-# name -> (annotation, option). One table for every command; None means "not given".
-OPTIONS: dict[str, tuple[Any, Any]] = {
-    "output": (str | None, _opt("-o", "--output", help="Output file: .parquet or .jsonl.")),
-    "model": (
-        str | None,
-        _opt(
-            "-m",
-            "--model",
-            help="GGUF model path (default: $LLAMBA_MODEL, else the embedded Gemma 3 270M).",
-            rich_help_panel="Model",
-        ),
-    ),
-    "id_column": (
-        str | None,
-        _opt(
-            "--id-column",
-            help="Column holding row ids (default: 'id' if present, else the row number).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "prompt_column": (
-        str | None,
-        _opt(
-            "--prompt-column",
-            help="Column with prompt text (default: prompt).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "messages_column": (
-        str | None,
-        _opt(
-            "--messages-column",
-            help="Column with a chat messages list (default: messages).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "template": (
-        str | None,
-        _opt(
-            "--template",
-            help="Build the prompt from columns: 'Review: {text}\\nSentiment:'.",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "system": (
-        str | None,
-        _opt(
-            "--system",
-            help="System message (a leading paragraph for plain prompts).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "format": (
-        str | None,
-        _opt(
-            "--format",
-            help="Prompt format: auto (the model's chat template, else plain), gguf, plain, "
-            "chatml, llama3, gemma, mistral, or a .toml path.",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "keep_columns": (
-        str | None,
-        _opt(
-            "--keep-columns",
-            help="Input columns to copy into the output, comma-separated.",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "temperature": (
-        float | None,
-        _opt(
-            "--temperature", "--temp", help="0 = greedy (default 0.8).", rich_help_panel="Sampling"
-        ),
-    ),
-    "top_k": (
-        int | None,
-        _opt("--top-k", help="Default 40; 0 = off.", rich_help_panel="Sampling"),
-    ),
-    "top_p": (
-        float | None,
-        _opt("--top-p", help="Default 0.95; 1 = off.", rich_help_panel="Sampling"),
-    ),
-    "min_p": (
-        float | None,
-        _opt("--min-p", help="Default 0.05; 0 = off.", rich_help_panel="Sampling"),
-    ),
-    "repeat_penalty": (
-        float | None,
-        _opt("--repeat-penalty", help="Default 1.0 = off.", rich_help_panel="Sampling"),
-    ),
-    "presence_penalty": (
-        float | None,
-        _opt("--presence-penalty", help="Default 0.", rich_help_panel="Sampling"),
-    ),
-    "frequency_penalty": (
-        float | None,
-        _opt("--frequency-penalty", help="Default 0.", rich_help_panel="Sampling"),
-    ),
-    "max_tokens": (
-        int | None,
-        _opt(
-            "--max-tokens",
-            help="Most tokens generated per row (default 256).",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "stop": (
-        list[str] | None,
-        _opt(
-            "--stop",
-            help="Stop string (repeatable); excluded from the output.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "seed": (
-        int | None,
-        _opt(
-            "--seed",
-            help="Base seed (default 0); each row draws from its own stream.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "n": (
-        int | None,
-        _opt("--n", help="Samples per prompt (generate).", rich_help_panel="Sampling"),
-    ),
-    "json_schema": (
-        str | None,
-        _opt(
-            "--json-schema",
-            help="JSON Schema file: every row is valid JSON of that shape.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "grammar": (
-        str | None,
-        _opt(
-            "--grammar",
-            help="GBNF grammar file constraining the output.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "labels": (
-        str | None,
-        _opt("--labels", help="Comma-separated labels (classify).", rich_help_panel="Classify"),
-    ),
-    "labels_file": (
-        str | None,
-        _opt(
-            "--labels-file",
-            help="File with one label per line (classify).",
-            rich_help_panel="Classify",
-        ),
-    ),
-    "label_delimiter": (
-        str | None,
-        _opt(
-            "--label-delimiter",
-            help="Joins prompt and label unless the prompt ends in whitespace (default: a space).",
-            rich_help_panel="Classify",
-        ),
-    ),
-    "slots": (
-        int | None,
-        _opt(
-            "--slots",
-            "-np",
-            help="Sequences decoded together (default 16).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "ctx": (
-        int | None,
-        _opt(
-            "--ctx",
-            "-c",
-            help="Most tokens per sequence, prompt + completion (default 2048). Unlike "
-            "llama-server's -c, this is per sequence: the KV cache holds slots x ctx.",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "n_batch": (
-        int | None,
-        _opt(
-            "--n-batch",
-            "-b",
-            help="Most tokens per llama_decode (default 512).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "threads": (
-        int | None,
-        _opt(
-            "--threads",
-            "-t",
-            help="CPU threads (default: the core count, halved above 8 cores).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "flash_attn": (
-        str | None,
-        _opt(
-            "--flash-attn", "-fa", help="auto, on or off (default auto).", rich_help_panel="Engine"
-        ),
-    ),
-    "n_gpu_layers": (
-        int | None,
-        _opt(
-            "--n-gpu-layers",
-            "-ngl",
-            help="Layers offloaded to the GPU (default -1 = all, in a GPU build).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "prefix_cache": (
-        bool | None,
-        _opt(
-            "--prefix-cache/--no-prefix-cache",
-            help="Compute shared prompt prefixes once (default on).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "limit": (
-        int | None,
-        _opt("--limit", help="Process at most this many rows in this run.", rich_help_panel="Run"),
-    ),
-    "shard": (
-        str | None,
-        _opt(
-            "--shard", help="I/N: only rows whose id hashes to shard I of N.", rich_help_panel="Run"
-        ),
-    ),
-    "overwrite": (
-        bool,
-        _opt(
-            "--overwrite",
-            help="Replace existing output instead of resuming.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "retry_errors": (
-        bool,
-        _opt(
-            "--retry-errors",
-            help="On resume, run rows that ended in error again.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "max_errors": (
-        int | None,
-        _opt(
-            "--max-errors",
-            help="Tolerate this many error rows (exit 0); abort once exceeded.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "flush_rows": (
-        int | None,
-        _opt(
-            "--flush-rows",
-            help="Make output durable every N rows (default 256).",
-            rich_help_panel="Run",
-        ),
-    ),
-    "flush_seconds": (
-        float | None,
-        _opt(
-            "--flush-seconds",
-            help="...and at least every S seconds (default 10).",
-            rich_help_panel="Run",
-        ),
-    ),
-    "metrics_json": (
-        str | None,
-        _opt(
-            "--metrics-json",
-            help="Write a machine-readable run summary here.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "dry_run": (
-        bool,
-        _opt(
-            "--dry-run",
-            help="Render prompts and token counts; generate nothing.",
-            rich_help_panel="Run",
-        ),
-    ),
-}
-_GENERATE_ONLY = {
-    "n",
-    "json_schema",
-    "grammar",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_tokens",
-    "stop",
-}
-_CLASSIFY_ONLY = {"labels", "labels_file", "label_delimiter"}
-_PROMPT_ONLY = {
-    "id_column",
-    "prompt_column",
-    "messages_column",
-    "template",
-    "system",
-    "keep_columns",
-}
-
-
-def _command(name: str, first: inspect.Parameter, skip: set[str], help: str) -> None:
-    """Register a command whose signature is `first` plus the shared OPTIONS."""
+def _command(name: str, first: inspect.Parameter, task: str | None, help: str) -> None:
+    """Register a command whose signature is `first` plus the options for `task`
+    (None: every option, for commands that read a job file)."""
 
     def impl(**kwargs: Any) -> None:
         _execute(name, kwargs)
 
     params = [first]
-    for key, (annotation, option) in OPTIONS.items():
-        if key in skip:
+    for key, option in OPTIONS.items():
+        if (
+            (task == "classify" and option.generate_only)
+            or (task == "generate" and option.classify_only)
+            or (task == "batch" and (SETTINGS[key].section == "sampling" or key in _NOT_BATCH))
+        ):
             continue
-        default = False if annotation is bool else None
         params.append(
             inspect.Parameter(
                 key,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=default,
-                annotation=Annotated[annotation, option],
+                default=False if option.flag else None,
+                annotation=Annotated[option.annotation, option.info],
+            )
+        )
+    if name != "validate":
+        params.append(
+            inspect.Parameter(
+                "dry_run",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=False,
+                annotation=Annotated[bool, _DRY_RUN],
             )
         )
     impl.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -415,13 +115,13 @@ _JOB = inspect.Parameter(
 _command(
     "generate",
     _INPUT,
-    _CLASSIFY_ONLY,
+    "generate",
     "Generate a completion for every row (one output row per input row and sample).",
 )
 _command(
     "classify",
     _INPUT,
-    _GENERATE_ONLY,
+    "classify",
     "Classify every row: restrict the answer to --labels and report each label's probability.",
 )
 _command(
@@ -436,18 +136,18 @@ _command(
             ),
         ],
     ),
-    _GENERATE_ONLY | _CLASSIFY_ONLY | _PROMPT_ONLY,
+    "batch",
     "Run an OpenAI Batch file (chat, completion and classify requests); OpenAI's output lines.",
 )
-_command("run", _JOB, set(), "Run a job file; flags override its settings.")
+_command("run", _JOB, None, "Run a job file; flags override its settings.")
 _command(
     "validate",
     _JOB,
-    {"dry_run"},
+    None,
     "Check a job without generating: files, columns, labels, prompt token counts.",
 )
 
-serve.register(app, OPTIONS)
+serve.register(app, {key: (option.annotation, option.info) for key, option in OPTIONS.items()})
 
 
 @app.command("formats")
@@ -472,15 +172,10 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     else:
         values["task"] = command
         values["input"] = kwargs.pop("input")
-    for key in ("labels", "keep_columns"):
-        if kwargs.get(key) is not None:
-            kwargs[key] = _csv(kwargs[key])
-    if kwargs.get("stop") == []:
-        kwargs["stop"] = None
-    for key, value in kwargs.items():
-        if value is None or (OPTIONS[key][0] is bool and value is False):
-            continue
-        values[key] = tuple(value) if isinstance(value, list) else value
+    for key, given in kwargs.items():
+        value = OPTIONS[key].value(given)
+        if value is not None:
+            values[key] = value
     spec = build_spec(values)
     if command == "validate":
         report = validate_job(spec)

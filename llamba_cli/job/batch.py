@@ -43,9 +43,11 @@ import pyarrow as pa
 
 from llamba_cli.engine import Request
 from llamba_cli.errors import InputError, RowError
-from llamba_cli.job.execute import Job, JobSummary, ProgressSink, RowWriter, row_seed
+from llamba_cli.job.execute import Job, RowWriter
 from llamba_cli.job.readers import InputRow
 from llamba_cli.job.store import OutputStore
+from llamba_cli.job.summary import JobSummary, ProgressSink
+from llamba_cli.job.writer import row_seed
 from llamba_cli.openai import ApiError, Call, InvalidRequest, OpenAIApi, served_model
 
 _TEXT_CHOICE = pa.struct(

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llamba_cli.errors import RowError
-from llamba_cli.job.execute import JobSummary, check_outputs, open_job
+from llamba_cli.job.execute import check_outputs, open_job
 from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.store import preflight
+from llamba_cli.job.summary import JobSummary
 
 
 @dataclass

@@ -1,113 +1,38 @@
 """Running a job: input rows -> `Request`s -> engine -> output rows, streamed.
 
-Nothing here prints; progress goes to a `ProgressSink` the caller supplies (the
-CLI's rich bar or plain log lines).  Memory stays flat whatever the input size:
-rows are read lazily, the engine keeps a bounded queue, and results are written
-in input order through a reorder buffer bounded by what is in flight.
+`Job` prepares everything a run needs (input, labels, model, prompt format) and
+checks what can be checked before any row runs; `run_job` drives the engine over it
+(`job.writer` turns rows into requests and results into output rows).  Nothing
+here prints; progress goes to a `ProgressSink` the caller supplies (the CLI's rich
+bar or plain log lines).  Memory stays flat whatever the input size: rows are read
+lazily, the engine keeps a bounded queue, and results are written in input order
+through a reorder buffer bounded by what is in flight.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 import pyarrow as pa
 
-from llamba_cli.engine import Engine, EngineConfig, Model, Request, normalize
+from llamba_cli.engine import Engine, EngineConfig, Model, Request
 from llamba_cli.errors import ConfigError, OutputError, RowError
-from llamba_cli.job.columns import fits, kept_name, output_schema
-from llamba_cli.job.durable import atomic_write
+from llamba_cli.job.columns import output_schema
+from llamba_cli.job.formats import format_from_gguf, load_format
 from llamba_cli.job.ids import SeenIds, id_hash
 from llamba_cli.job.interrupt import Interrupted
 from llamba_cli.job.models import model_identity, resolve_model_path
-from llamba_cli.job.prompts import PromptBuilder, PromptSpec, format_from_gguf, load_format
+from llamba_cli.job.prompts import PromptBuilder, PromptSpec
 from llamba_cli.job.readers import InputRow, InputSource, ParquetSource, open_input
 from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.store import OutputStore, check_location, output_format
 from llamba_cli.job.structured import Constraint, load_constraint
-
-
-class ProgressSink(Protocol):
-    def start(self, total: int | None, unit: str) -> None: ...
-    def advance(self, rows: int, errors: int, tokens: int) -> None: ...
-    def note(self, text: str) -> None: ...
-
-
-class NoProgress:
-    def start(self, total: int | None, unit: str) -> None:
-        pass
-
-    def advance(self, rows: int, errors: int, tokens: int) -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-
-@dataclass
-class JobSummary:
-    """What a run did; `exit_code` follows the documented contract (0 / 1)."""
-
-    task: str
-    output: str | None
-    rows_written: int = 0
-    errors: int = 0
-    skipped_done: int = 0
-    duplicates: int = 0
-    duplicate_examples: list[str] = field(default_factory=list)
-    prompt_tokens: int = 0
-    prompt_tokens_evaluated: int = 0
-    prompt_tokens_reused: int = 0
-    generated_tokens: int = 0
-    wall_seconds: float = 0.0
-    aborted: str | None = None
-    errors_fail: bool = False  # errors make the exit code 1 (no --max-errors given)
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_written / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if (self.errors_fail or self.duplicates or self.aborted) else 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "output": self.output,
-            "rows_written": self.rows_written,
-            "errors": self.errors,
-            "skipped_already_done": self.skipped_done,
-            "duplicate_ids": self.duplicates,
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_tokens_evaluated": self.prompt_tokens_evaluated,
-            "prompt_tokens_reused": self.prompt_tokens_reused,
-            "generated_tokens": self.generated_tokens,
-            "tokens_per_second": round(self.tokens_per_second, 2),
-            "rows_per_second": round(self.rows_per_second, 3),
-            "wall_seconds": round(self.wall_seconds, 3),
-            "aborted": self.aborted,
-            "exit_code": self.exit_code,
-            "fingerprint": self.fingerprint,
-        }
-
-
-def row_seed(base: int, row_id: str, sample: int) -> int:
-    """A row's own seed: stable across runs, shards and batch composition."""
-    key = f"{base}\0{row_id}\0{sample}".encode("utf-8", "surrogatepass")
-    digest = hashlib.blake2b(key, digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_metrics
+from llamba_cli.job.writer import ResultWriter
 
 
 # Parquet types that survive the trip through Python values unchanged; a kept input
@@ -158,7 +83,9 @@ class Job:
         # Read and convert before the model loads, compile against its vocabulary after.
         self.constraint: Constraint | None = load_constraint(spec.json_schema, spec.grammar)
         self.model_path = resolve_model_path(spec.model)
-        self.model = model or Model(self.model_path, n_gpu_layers=spec.n_gpu_layers)
+        self.model = model or Model(
+            self.model_path, n_gpu_layers=spec.engine.n_gpu_layers, repack=spec.engine.repack
+        )
         if spec.ctx > self.model.n_ctx_train:
             raise ConfigError(
                 f"ctx ({spec.ctx}) is larger than the model's training context "
@@ -189,7 +116,7 @@ class Job:
         self.builder.check_columns(self.source.columns)
 
     def writer(self, store: OutputStore, summary: JobSummary, progress: ProgressSink) -> RowWriter:
-        return _ResultWriter(self, store, summary, progress)
+        return ResultWriter(self, store, summary, progress)
 
     def _check_labels(self) -> tuple[str, ...]:
         labels = self.spec.label_list()
@@ -248,6 +175,7 @@ class Job:
             samples=self.spec.n > 1,
             json_type=constraint.json_type if constraint is not None else None,
             with_json=constraint is not None and constraint.is_json,
+            logprobs=getattr(self.spec.sampling, "logprobs", None) is not None,
             kept=kept,
         )
 
@@ -439,123 +367,3 @@ def _collect_stats(summary: JobSummary, engine: Engine) -> None:
     summary.prompt_tokens_evaluated = st.prompt_tokens_evaluated
     summary.prompt_tokens_reused = st.prompt_tokens_reused
     summary.generated_tokens = st.generated_tokens
-
-
-def write_metrics(path: str, summary: JobSummary) -> None:
-    p = Path(path).expanduser()
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(p, orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2))
-    except OSError as e:
-        raise OutputError(f"cannot write metrics to {p}: {e.strerror or e}") from None
-
-
-class _ResultWriter:
-    """Turns rows into requests and finished requests into output rows, in input order."""
-
-    def __init__(
-        self, job: Job, store: OutputStore, summary: JobSummary, progress: ProgressSink
-    ) -> None:
-        self.job = job
-        self.store = store
-        self.summary = summary
-        self.progress = progress
-        self.meta: dict[int, tuple[InputRow, int]] = {}
-        self.pending: dict[int, Request] = {}
-        self.next_out = 0
-
-    def requests(self) -> Iterator[Request]:
-        spec = self.job.spec
-        seq = 0
-        labels = self.job.labels
-        grammar = self.job.constraint.gbnf if self.job.constraint is not None else None
-        for row in self.job.rows(self.store, self.summary):
-            try:
-                prompt, error = self.job.prompt(row), None
-            except RowError as e:
-                prompt, error = "", str(e)
-            for sample in range(spec.n):
-                params = spec.sampling(row_seed(spec.seed, row.id, sample), self.job.format.stop)
-                req = Request(
-                    id=seq,
-                    prompt=prompt,
-                    params=params,
-                    labels=labels,
-                    label_delimiter=spec.label_delimiter,
-                    sample=sample,
-                    grammar_text=grammar,
-                )
-                if error is not None:
-                    req.finish("error", error)
-                self.meta[seq] = (row, sample)
-                seq += 1
-                yield req
-
-    def finished(self, req: Request) -> None:
-        self.pending[req.id] = req
-        while self.next_out in self.pending:
-            done = self.pending.pop(self.next_out)
-            row, sample = self.meta.pop(self.next_out)
-            self.next_out += 1
-            self._write(done, row, sample)
-
-    def _write(self, req: Request, row: InputRow, sample: int) -> None:
-        spec = self.job.spec
-        out: dict[str, Any] = {"id": row.id}
-        if spec.n > 1:
-            out["sample"] = sample
-        constraint = self.job.constraint
-        with_json = constraint is not None and constraint.is_json
-        json_value: Any = None
-        if constraint is not None and with_json and req.error is None:
-            try:
-                json_value = constraint.json_value(req.text, self.store.format)
-            except (ValueError, TypeError, AttributeError) as e:
-                # the grammar rules this out; never pass broken JSON on
-                req.error = f"output is not valid JSON: {e}"
-            kind = constraint.json_type
-            if self.store.format == "parquet" and kind is not None and not fits(json_value, kind):
-                # e.g. an integer beyond 64 bits, which JSON allows and Parquet cannot hold
-                req.error = f"output JSON does not fit the Parquet column type {kind}"
-                json_value = None
-        if self.job.labels is None:
-            out["text"] = req.text if req.error is None else None
-            if with_json:
-                out["json"] = json_value
-            out.update(
-                finish_reason=req.finish_reason,
-                prompt_tokens=req.prompt_tokens,
-                completion_tokens=req.completion_tokens,
-            )
-        else:
-            out.update(_classification_columns(self.job.labels, req.label_logprobs))
-            out["prompt_tokens"] = req.prompt_tokens
-        out["error"] = req.error
-        data = row.data or {}
-        for col in spec.keep_columns:
-            out[kept_name(col, list(out))] = data.get(col)
-        self.store.write(out)
-        self.summary.rows_written += 1
-        failed = req.error is not None
-        self.summary.errors += failed
-        self.progress.advance(1, int(failed), req.completion_tokens)
-
-
-def _classification_columns(
-    labels: tuple[str, ...], logprobs: list[float] | None
-) -> dict[str, Any]:
-    """`label`, `confidence`, then `p_<label>` and `logprob_<label>` per label."""
-    cols: dict[str, Any] = {}
-    if logprobs is None:
-        cols["label"] = None
-        cols["confidence"] = None
-        cols.update({f"p_{lab}": None for lab in labels})
-        cols.update({f"logprob_{lab}": None for lab in labels})
-        return cols
-    probs = normalize(logprobs)
-    best = max(range(len(labels)), key=probs.__getitem__)
-    cols["label"] = labels[best]
-    cols["confidence"] = probs[best]
-    cols.update({f"p_{lab}": p for lab, p in zip(labels, probs, strict=True)})
-    cols.update({f"logprob_{lab}": lp for lab, lp in zip(labels, logprobs, strict=True)})
-    return cols

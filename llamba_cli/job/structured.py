@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from llamba_cli.engine.llama import Grammar, Model, schema_to_gbnf
+from llamba_cli.engine import Grammar, Model, schema_to_gbnf
 from llamba_cli.errors import ConfigError
 from llamba_cli.job.userfiles import read_text
 

@@ -9,15 +9,9 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llamba_cli.errors import ConfigError, RowError, TemplateError
-from llamba_cli.job import prompts, sandbox
-from llamba_cli.job.prompts import (
-    PromptBuilder,
-    PromptFormat,
-    PromptSpec,
-    format_from_gguf,
-    list_formats,
-    load_format,
-)
+from llamba_cli.job import sandbox
+from llamba_cli.job.formats import PromptFormat, format_from_gguf, list_formats, load_format
+from llamba_cli.job.prompts import PromptBuilder, PromptSpec
 
 TWO_TURNS = [
     {"role": "user", "content": "Hi"},

@@ -106,7 +106,7 @@ def test_jsonl_byte_order_mark_is_ignored(tmp_path: Path) -> None:
 def test_json_array_file_is_refused_with_a_hint(tmp_path: Path) -> None:
     path = tmp_path / "in.json"
     path.write_text('[\n  {"id": 1, "prompt": "x"}\n]\n')
-    with pytest.raises(InputError, match="JSON array.*JSON Lines"):
+    with pytest.raises(InputError, match=r"JSON array.*JSON Lines"):
         open_input(path)
 
 
@@ -210,9 +210,7 @@ def test_csv_reads_values_as_written(tmp_path: Path) -> None:
 
 def test_csv_bad_records_become_error_rows(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
-    path.write_bytes(
-        b"\xef\xbb\xbfid,prompt\n1,ok\n2,too,many\n\n3,\xff\xfe\n4,\"two\nlines\"\n5\n"
-    )
+    path.write_bytes(b'\xef\xbb\xbfid,prompt\n1,ok\n2,too,many\n\n3,\xff\xfe\n4,"two\nlines"\n5\n')
     source = open_input(path)
     assert source.columns == ["id", "prompt"]  # the byte order mark is not part of "id"
     rows = list(source)
