@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from llamba_cli.engine import Model
 from llamba_cli.errors import ConfigError
-from llamba_cli.job.prompts import PromptFormat, format_from_gguf, load_format
+from llamba_cli.job.formats import PromptFormat, format_from_gguf, load_format
 
 
 @dataclass(frozen=True)
