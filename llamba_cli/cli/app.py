@@ -1,7 +1,8 @@
 """The `llamba` command line.
 
-All four job commands (`generate`, `classify`, `run`, `validate`) take the same
-options; they differ only in where the job comes from.  Every `LlambaError` is
+The job commands (`generate`, `classify`, `batch`, `run`, `validate`) take the same
+options, less those that do not apply to their task (a batch file's lines carry their
+own prompts and sampling); they differ in where the job comes from.  Every `LlambaError` is
 turned into one line on stderr and its exit code here, in `main()`, and nowhere
 else.  Exit codes: 0 all rows succeeded; 1 some rows ended in error (or the run
 aborted at --max-errors); 2 usage, configuration, input, model or output error;
