@@ -80,6 +80,7 @@ MIXED = [
     line("unknown-url", "/v1/embeddings", {"input": "hello"}),
     line("invalid-body", "/v1/chat/completions", {"messages": [], "max_tokens": 4}),
     line("wrong-method", "/v1/completions", {"prompt": "x"}, method="GET"),
+    line("too-long", "/v1/completions", {"prompt": "word " * 600, "max_tokens": 2}),
     line("chat", "/v1/completions", {"prompt": "a second line with a used custom_id"}),
     line("samples", "/v1/chat/completions", chat("Say hi.", n=2, seed=3, stream=True)),
 ]
@@ -91,6 +92,7 @@ MIXED_IDS = [
     "unknown-url",
     "invalid-body",
     "wrong-method",
+    "too-long",
     "samples",
 ]
 
@@ -132,11 +134,12 @@ def test_mixed_file_gives_openai_output_lines(tmp_path: Path) -> None:
     samples = ChatCompletion.model_validate(by_id["samples"]["response"]["body"])
     assert [c.index for c in samples.choices] == [0, 1]  # n=2: one line, two choices
 
-    errors = {cid: by_id[cid]["error"] for cid in MIXED_IDS[3:7]}
+    errors = {cid: by_id[cid]["error"] for cid in MIXED_IDS[3:8]}
     assert "invalid JSON" in errors["#3"]["message"]
     assert "/v1/embeddings" in errors["unknown-url"]["message"]
     assert errors["invalid-body"]["message"].startswith("messages:")
     assert "POST" in errors["wrong-method"]["message"]
+    assert "a sequence holds at most 512" in errors["too-long"]["message"]
     assert {e["code"] for e in errors.values()} == {"invalid_request_error"}
 
 
