@@ -12,7 +12,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from llamba_cli.engine import Request, RequestOutput, TokenLogprob
-from llamba_cli.job.prompts import load_format
+from llamba_cli.job.formats import load_format
 from llamba_cli.openai import (
     CHAT_COMPLETIONS,
     CLASSIFY,
