@@ -9,8 +9,9 @@ engine on a thread of its own for callers on any thread or an asyncio loop.
 from llamba_cli.engine.config import EngineConfig, SamplingParams
 from llamba_cli.engine.engine import Engine, EngineStats
 from llamba_cli.engine.front import EngineLoop, LoopStats, RequestStream
+from llamba_cli.engine.grammar import Grammar, schema_to_gbnf
 from llamba_cli.engine.labels import normalize
-from llamba_cli.engine.llama import Grammar, Model, check_gguf, schema_to_gbnf
+from llamba_cli.engine.llama import Model, check_gguf
 from llamba_cli.engine.request import Request, RequestOutput, Status, TokenLogprob
 
 __all__ = [

@@ -23,8 +23,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from llamba_cli.engine.config import EngineConfig
+from llamba_cli.engine.grammar import Grammar
 from llamba_cli.engine.labels import LabelScorer
-from llamba_cli.engine.llama import Context, Grammar, Model
+from llamba_cli.engine.llama import Context, Model
 from llamba_cli.engine.prefix_cache import PrefixCache
 from llamba_cli.engine.request import Request, RequestOutput
 from llamba_cli.engine.runner import Runner

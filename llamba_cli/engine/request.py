@@ -24,7 +24,7 @@ from llamba_cli.engine.labels import LabelScorer
 from llamba_cli.engine.text import TextStream
 
 if TYPE_CHECKING:
-    from llamba_cli.engine.llama import Grammar
+    from llamba_cli.engine.grammar import Grammar
 
 
 class Status(enum.Enum):

@@ -34,7 +34,7 @@ import numpy as np
 from llamba_cli.engine.request import Request
 
 if TYPE_CHECKING:
-    from llamba_cli.engine.llama import Grammar
+    from llamba_cli.engine.grammar import Grammar
 
 # Tokens more than this many (tempered) nats below the row's max are dropped
 # before any sort: their total mass is < V * e^-30 ~ 3e-8 of the top token's.

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from llamba_cli.engine.llama import Grammar, Model, schema_to_gbnf
+from llamba_cli.engine import Grammar, Model, schema_to_gbnf
 from llamba_cli.errors import ConfigError
 
 
