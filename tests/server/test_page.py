@@ -68,7 +68,7 @@ def test_chat_streams_into_the_page(page: Any, server: Server) -> None:
     tab.wait_for_function("document.getElementById('model').textContent.includes('gemma')")
     assert tab.text_content("#status") == "ready"
     tab.fill("#temperature", "0")
-    tab.fill("#max-tokens", "48")
+    tab.fill("#max-tokens", "24")
     tab.fill("#chat-input", "Tell me about the sea.")
     tab.click("#chat-send")
     # Streamed: the reply is seen growing before it is complete.
