@@ -4,7 +4,7 @@
 `/v1/completions`, `/v1/chat/completions` or llamba's `/v1/classify` and returns a
 `Call`: its engine `Request`s, and the response body (or streaming chunks) built
 from them once they run.  `llamba serve` puts it behind HTTP; a batch run can feed
-the same bodies from a file and get byte-for-byte the same response bodies.
+the same bodies from a file and get the same response bodies (ids and times aside).
 """
 
 from llamba_cli.openai.api import CHAT_COMPLETIONS, CLASSIFY, COMPLETIONS, ROUTES, OpenAIApi

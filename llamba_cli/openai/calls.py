@@ -23,8 +23,7 @@ from typing import Any
 
 import orjson
 
-from llamba_cli.engine import Request, RequestOutput, SamplingParams, normalize
-from llamba_cli.engine.llama import schema_to_gbnf
+from llamba_cli.engine import Request, RequestOutput, SamplingParams, normalize, schema_to_gbnf
 from llamba_cli.errors import ConfigError, RowError, TemplateError
 from llamba_cli.job.prompts import PromptBuilder
 from llamba_cli.openai.errors import ApiError, InvalidRequest, RequestFailed

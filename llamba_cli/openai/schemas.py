@@ -21,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -35,18 +37,15 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
-def _text_or_texts(field: str) -> Any:
-    def check(value: Any) -> Any:
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise PydanticCustomError("type", f"expected a string or a list of strings for {field}")
-
-    return BeforeValidator(check)
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise PydanticCustomError("type", "expected a string or a list of strings")
 
 
-Stop = Annotated[str | list[str] | None, _text_or_texts("stop")]
+Stop = Annotated[str | list[str] | None, BeforeValidator(_check_stop)]
 
 
 def _check_prompt(value: Any) -> Any:
@@ -172,13 +171,19 @@ class CompletionBody(SamplingBody):
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> CompletionBody:
-        if self.best_of is not None and self.best_of != self.n:
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
             raise PydanticCustomError("unsupported", "best_of other than n is not supported")
-        if self.suffix:
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
             raise PydanticCustomError("unsupported", "suffix (insertion) is not supported")
-        return self
+        return value
 
 
 class ChatBody(SamplingBody):
@@ -190,13 +195,19 @@ class ChatBody(SamplingBody):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> ChatBody:
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
             raise PydanticCustomError("invalid", "top_logprobs needs logprobs set to true")
-        if self.tools:
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
             raise PydanticCustomError("unsupported", "tools (function calling) are not supported")
-        return self
+        return value
 
 
 class ClassifyBody(_Body):
@@ -209,29 +220,29 @@ class ClassifyBody(_Body):
     labels: list[str] = Field(min_length=2)
     label_delimiter: str = " "
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str | None) -> str | None:
+        if value == "":
+            raise PydanticCustomError("invalid", "the prompt must not be empty")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, value: list[str]) -> list[str]:
+        if any(not label.strip() for label in value):
+            raise PydanticCustomError("invalid", "labels must not be empty or whitespace")
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("invalid", "labels must be distinct")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> ClassifyBody:
         if (self.prompt is None) == (self.messages is None):
-            raise PydanticCustomError("invalid", "give either prompt or messages")
-        if self.prompt == "":
-            raise PydanticCustomError("invalid", "prompt must not be empty")
-        if any(not label.strip() for label in self.labels):
-            raise PydanticCustomError("invalid", "labels must not be empty or whitespace")
-        if len(set(self.labels)) != len(self.labels):
-            raise PydanticCustomError("invalid", "labels must be distinct")
+            # Not a ValueError: pydantic passes it through with its `param`.
+            raise InvalidRequest("give either prompt or messages", param="prompt")
         return self
 
-
-# Which field a model-level check is about, for the error's `param`.
-_CHECK_PARAMS = {
-    "best_of": "best_of",
-    "suffix": "suffix",
-    "top_logprobs needs": "top_logprobs",
-    "tools": "tools",
-    "give either prompt": "prompt",
-    "prompt must": "prompt",
-    "labels must": "labels",
-}
 
 B = TypeVar("B", bound=_Body)
 
@@ -244,12 +255,12 @@ def parse(model: type[B], body: Any) -> B:
         return model.model_validate(body)
     except ValidationError as e:
         error = e.errors(include_url=False)[0]
-        param = _param(error["loc"], error["msg"])
+        param = _param(error["loc"])
         where = f"{param}: " if param else ""
         raise InvalidRequest(f"{where}{error['msg']}", param=param) from None
 
 
-def _param(loc: tuple[Any, ...], message: str) -> str | None:
+def _param(loc: tuple[Any, ...]) -> str | None:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
@@ -260,12 +271,7 @@ def _param(loc: tuple[Any, ...], message: str) -> str | None:
             parts.append(f".{item}" if parts else item)
         else:
             break
-    if parts:
-        return "".join(parts)
-    for start, name in _CHECK_PARAMS.items():
-        if message.startswith(start):
-            return name
-    return None
+    return "".join(parts) or None
 
 
 def _json_type(value: Any) -> str:

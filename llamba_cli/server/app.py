@@ -79,6 +79,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.metrics.answered(request.url.path, exc.status)
         return error_response(exc)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A bug: the request gets a 500 in OpenAI's shape, the server goes on.
+        runtime.log(f"internal error on {request.url.path}: {type(exc).__name__}: {exc}")
+        runtime.metrics.answered(request.url.path, 500)
+        body = error_body(f"internal error: {type(exc).__name__}", "server_error")
+        return JSONResponse(body, status_code=500)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

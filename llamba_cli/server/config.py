@@ -44,8 +44,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
-        if self.max_queue < 0:
-            raise ConfigError(f"max-queue must be >= 0, got {self.max_queue}")
+        if self.max_queue < 1:
+            raise ConfigError(f"max-queue must be >= 1, got {self.max_queue}")
         if self.drain_seconds < 0:
             raise ConfigError(f"drain-seconds must be >= 0, got {self.drain_seconds}")
         if self.api_key is not None and not self.api_key.strip():

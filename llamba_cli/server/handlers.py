@@ -17,7 +17,7 @@ import orjson
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 
-from llamba_cli.engine import EngineLoop, RequestOutput
+from llamba_cli.engine import EngineLoop, RequestOutput, RequestStream
 from llamba_cli.errors import EngineError, QueueFull
 from llamba_cli.openai import ApiError, Call, InvalidRequest, OpenAIApi, RequestFailed
 from llamba_cli.server.runtime import Runtime
@@ -98,7 +98,7 @@ class Generation:
         self.metrics.answered(self.route, response.status_code)
         return response
 
-    def _submit(self, call: Call, loop: EngineLoop) -> list[Any]:
+    def _submit(self, call: Call, loop: EngineLoop) -> list[RequestStream]:
         streams = []
         try:
             for req in call.requests:
@@ -109,6 +109,10 @@ class Generation:
                 f"the server is busy: {e}; retry in {RETRY_AFTER_SECONDS}s",
                 code="rate_limit_exceeded",
             ) from None
+        except EngineError as e:  # the loop stopped (llama.cpp failed) or is closing
+            if self.runtime.ready:
+                self.runtime.engine_failed(str(e))
+            raise Unavailable(f"the engine is not running: {e}", code=self.runtime.state) from None
         return streams
 
     def _abort(self) -> None:
@@ -119,7 +123,7 @@ class Generation:
             if not req.finished:
                 self.loop.abort(req)
 
-    async def _whole(self, call: Call, streams: list[Any]) -> Response:
+    async def _whole(self, call: Call, streams: list[RequestStream]) -> Response:
         async def run() -> None:
             async for _ in merge(streams):
                 pass
@@ -136,7 +140,7 @@ class Generation:
         self.runtime.log(f"llama.cpp failed on a request: {e}")
         return RequestFailed(f"llama.cpp failed: {e}")
 
-    async def _stream(self, call: Call, streams: list[Any]) -> Response:
+    async def _stream(self, call: Call, streams: list[RequestStream]) -> Response:
         outputs = merge(streams)
         # The first output decides the status: a request that cannot start (prompt
         # too long, a grammar llama.cpp rejects) is a 400, not an event in a 200.

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from llamba_cli.engine import Engine, EngineLoop, Model
+from llamba_cli.engine import Engine, EngineLoop, LoopStats, Model
 from llamba_cli.errors import LlambaError
 from llamba_cli.openai import OpenAIApi, served_model
 from llamba_cli.server.config import ServerConfig
@@ -105,7 +104,7 @@ class Runtime:
         """The engine loop stopped (llama.cpp failed): fail what is left and shut down."""
         self._fail(f"the engine stopped: {message}", 3)
 
-    def stats(self) -> Any | None:
+    def stats(self) -> LoopStats | None:
         loop = self.loop
         return loop.stats() if loop is not None and self.state in (READY, STOPPING) else None
 
@@ -117,10 +116,10 @@ class Runtime:
                 self.state = STOPPING
         self.wait_loaded()
         loop, self.loop = self.loop, None
-        if loop is not None:
-            loop.close(drain=False)
         engine, self._engine = self._engine, None
-        if engine is not None:
+        if loop is not None:
+            loop.close(drain=False)  # aborts what is left, then closes the engine
+        elif engine is not None:
             engine.close()
         model, self._model = self._model, None
         if model is not None:

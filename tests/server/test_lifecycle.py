@@ -101,7 +101,7 @@ def refused(server: Server) -> bool:
 def test_sigterm_finishes_running_requests_then_exits() -> None:
     server = start_server("--slots", "2", "--ctx", "256")
     events, first = open_stream(
-        server, {"prompt": "Count: one, two,", "max_tokens": 40, "ignore_eos": True}
+        server, {"prompt": "Count: one, two,", "max_tokens": 16, "ignore_eos": True}
     )
     assert first.wait(60)
     server.proc.send_signal(signal.SIGTERM)

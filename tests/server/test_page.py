@@ -4,6 +4,7 @@ classification; a screenshot of each is kept in tests/server/artifacts/."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -67,7 +68,7 @@ def test_chat_streams_into_the_page(page: Any, server: Server) -> None:
     tab.wait_for_function("document.getElementById('model').textContent.includes('gemma')")
     assert tab.text_content("#status") == "ready"
     tab.fill("#temperature", "0")
-    tab.fill("#max-tokens", "48")
+    tab.fill("#max-tokens", "24")
     tab.fill("#chat-input", "Tell me about the sea.")
     tab.click("#chat-send")
     # Streamed: the reply is seen growing before it is complete.
@@ -90,6 +91,28 @@ def test_chat_streams_into_the_page(page: Any, server: Server) -> None:
     assert meta is not None and "tokens" in meta
     assert tab.query_selector(".msg.error") is None
     tab.screenshot(path=str(ARTIFACTS / "chat.png"))
+
+
+def test_json_schema_box_constrains_the_reply(page: Any) -> None:
+    tab: Any = page
+    schema = {
+        "type": "object",
+        "properties": {"mood": {"enum": ["calm", "stormy"]}},
+        "required": ["mood"],
+    }
+    tab.fill("#schema", json.dumps(schema))
+    tab.fill("#chat-input", "How is the sea today?")
+    tab.click("#chat-send")
+    tab.wait_for_function(
+        "document.querySelectorAll('.msg.assistant .meta').length === 2", timeout=120_000
+    )
+    reply = tab.evaluate(
+        "(() => { const m = document.querySelectorAll('.msg.assistant')[1];"
+        " return m.firstChild.textContent; })()"
+    )
+    assert json.loads(reply)["mood"] in ("calm", "stormy")
+    tab.screenshot(path=str(ARTIFACTS / "chat-json.png"))
+    tab.fill("#schema", "")
 
 
 def test_classify_tab_shows_a_bar_per_label(page: Any) -> None:
