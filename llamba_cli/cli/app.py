@@ -33,10 +33,10 @@ from llamba_cli.cli.options import OPTIONS
 from llamba_cli.cli.progress import LogProgress, RichProgress
 from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.checks import dry_run, validate_job
-from llamba_cli.job.execute import run_job
+from llamba_cli.job.execute import Job, JobOpener, run_job
 from llamba_cli.job.formats import list_formats, load_format
 from llamba_cli.job.interrupt import Interrupted, signals_raise
-from llamba_cli.job.spec import BATCH_REFUSED, SETTINGS, build_spec, load_job_file
+from llamba_cli.job.spec import BATCH_REFUSED, SETTINGS, JobSpec, build_spec, load_job_file
 from llamba_cli.job.summary import JobSummary
 
 app = typer.Typer(
@@ -179,13 +179,13 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
             values[key] = value
     spec = build_spec(values)
     if command == "validate":
-        report = validate_job(spec)
+        report = validate_job(spec, opener=_opener(spec))
         for line in report.lines():
             out.print(line)
         raise typer.Exit(report.exit_code)
     if dry:
         table = Table("id", "tokens", "prompt", show_lines=True)
-        for row_id, n_tokens, prompt in dry_run(spec):
+        for row_id, n_tokens, prompt in dry_run(spec, opener=_opener(spec)):
             table.add_row(Text(row_id), str(n_tokens), Text(prompt))
         out.print(table)
         return
@@ -194,16 +194,27 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     raise typer.Exit(summary.exit_code)
 
 
+def _opener(spec: JobSpec) -> JobOpener:
+    """The job class for the spec's task: a batch file's lines are OpenAI requests,
+    run through the OpenAI protocol layer (loaded only then)."""
+    if spec.task == "batch":
+        from llamba_cli.openai.batch import BatchJob
+
+        return BatchJob
+    return Job
+
+
 def _run_with_progress(spec: Any) -> JobSummary:
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
     if err.is_terminal and not quiet:
         bar = RichProgress(err)
         try:
-            return run_job(spec, bar)
+            return run_job(spec, bar, opener=_opener(spec))
         finally:
             bar.stop()
     interval = _progress_interval()
-    return run_job(spec, LogProgress(interval=interval if not quiet else float("inf")))
+    progress = LogProgress(interval=interval if not quiet else float("inf"))
+    return run_job(spec, progress, opener=_opener(spec))
 
 
 def _progress_interval() -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,13 +64,18 @@ class RowWriter(Protocol):
 class Job:
     """A prepared job: input opened, labels and columns checked, model loaded.
 
-    `open_job` picks the class for a spec's task; a subclass (`job.batch.BatchJob`)
-    changes how input is checked (`check_input`), the output's id column
-    (`id_field`) and schema, and how rows become requests and output (`writer`)."""
+    `tasks` are the tasks a class runs.  A subclass (the batch task's
+    `llamba_cli.openai.batch.BatchJob`, which sits above this layer) changes how input
+    is checked (`check_input`), the output's id column (`id_field`) and schema, and how
+    rows become requests and output (`writer`); callers pass it to `run_job`,
+    `validate_job` and `dry_run` as their `opener`."""
 
+    tasks: tuple[str, ...] = ("generate", "classify")
     id_field = "id"
 
     def __init__(self, spec: JobSpec, *, model: Model | None = None) -> None:
+        if spec.task not in self.tasks:
+            raise ConfigError(f"{type(self).__name__} does not run {spec.task!r} jobs")
         self.spec = spec
         self.source: InputSource = open_input(spec.input, id_column=spec.id_column)
         self.labels = self._check_labels() if spec.task == "classify" else None
@@ -231,13 +236,8 @@ class Job:
         return self.spec.engine_config(str(self.model_path))
 
 
-def open_job(spec: JobSpec, *, model: Model | None = None) -> Job:
-    """The prepared job for `spec`, of the class its task needs."""
-    if spec.task == "batch":
-        from llamba_cli.job.batch import BatchJob  # builds on this module
-
-        return BatchJob(spec, model=model)
-    return Job(spec, model=model)
+# Prepares the job of a spec: `Job`, or a subclass for tasks a higher layer defines.
+JobOpener = Callable[[JobSpec], Job]
 
 
 def read_paths(spec: JobSpec) -> list[Path]:
@@ -284,7 +284,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
+def run_job(
+    spec: JobSpec, progress: ProgressSink | None = None, *, opener: JobOpener = Job
+) -> JobSummary:
     """Run `spec` to completion (or abort at `max_errors`), writing its output.
 
     Raises LlambaError subclasses for problems found before any row runs; a row's
@@ -293,7 +295,7 @@ def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
     `kept` saying where."""
     progress = progress or NoProgress()
     check_outputs(spec)
-    job = open_job(spec)
+    job = opener(spec)
     engine = Engine(job.engine_config(), model=job.model)
     try:
         return _run(job, engine, progress)

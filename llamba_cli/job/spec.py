@@ -38,7 +38,7 @@ else:  # pragma: no cover
 
 TASKS = ("generate", "classify", "batch")
 # Settings of the job itself that a batch job refuses: each request's body carries its
-# prompt and sampling (`job.batch`); so do all of `SamplingParams`.
+# prompt and sampling (`openai.batch`); so do all of `SamplingParams`.
 BATCH_REFUSED = (
     "prompt_column",
     "messages_column",

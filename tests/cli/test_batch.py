@@ -22,6 +22,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from llamba_cli.errors import ConfigError
+from llamba_cli.job.execute import Job
 from llamba_cli.job.spec import build_spec
 from tests.cli_process import llamba
 from tests.server.serving import start_server
@@ -305,6 +306,8 @@ def test_example_job_shares_the_system_prompt(tmp_path: Path) -> None:
 def test_batch_settings_and_input_are_checked(tmp_path: Path) -> None:
     spec = build_spec({"task": "batch", "input": "in.jsonl"})
     assert spec.id_column == "custom_id"
+    with pytest.raises(ConfigError, match="Job does not run 'batch' jobs"):
+        Job(spec)  # the batch task needs the protocol layer's BatchJob
     with pytest.raises(ConfigError, match="temperature does not apply to a batch job"):
         build_spec({"task": "batch", "input": "in.jsonl", "temperature": 0.1})
     with pytest.raises(ConfigError, match="custom_id"):

@@ -11,9 +11,11 @@ and for this task alike, so a line's `response.body` is what the server would an
 `body.model` is accepted and ignored (the loaded model answers, and responses name
 it), and `body.stream` is ignored (a batch has no one to stream to).
 
-This is a job task like any other: `custom_id` is the row id, so resume, `--shard`,
-duplicate detection, `--retry-errors`, `--limit` and `--max-errors` work on it, and
-output is written in input order through the job's `OutputStore`.  A request whose
+This is a job task like any other: `BatchJob` is a `Job` (this layer sits above the
+job layer, so callers pass it to `run_job` as the opener of `task = "batch"` specs),
+`custom_id` is the row id, so resume, `--shard`, duplicate detection,
+`--retry-errors`, `--limit` and `--max-errors` work on it, and output is written in
+input order through the job's `OutputStore`.  A request whose
 body sets no `seed` samples from one derived from (job seed, custom_id, choice), so a
 rerun or another shard draws the same text.
 
@@ -48,7 +50,10 @@ from llamba_cli.job.readers import InputRow
 from llamba_cli.job.store import OutputStore
 from llamba_cli.job.summary import JobSummary, ProgressSink
 from llamba_cli.job.writer import row_seed
-from llamba_cli.openai import ApiError, Call, InvalidRequest, OpenAIApi, served_model
+from llamba_cli.openai.api import OpenAIApi
+from llamba_cli.openai.calls import Call
+from llamba_cli.openai.errors import ApiError, InvalidRequest
+from llamba_cli.openai.served import served_model
 
 _TEXT_CHOICE = pa.struct(
     [("index", pa.int64()), ("text", pa.string()), ("finish_reason", pa.string())]
@@ -96,6 +101,7 @@ def batch_schema() -> pa.Schema:
 class BatchJob(Job):
     """A job whose rows are OpenAI Batch requests (see the module docstring)."""
 
+    tasks = ("batch",)
     id_field = "custom_id"
 
     def check_input(self) -> None:
