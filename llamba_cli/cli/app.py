@@ -1,7 +1,8 @@
 """The `llamba` command line.
 
-All four job commands (`generate`, `classify`, `run`, `validate`) take the same
-options; they differ only in where the job comes from.  Every `LlambaError` is
+The job commands (`generate`, `classify`, `batch`, `run`, `validate`) take the same
+options, less those that do not apply to their task (a batch file's lines carry their
+own prompts and sampling); they differ in where the job comes from.  Every `LlambaError` is
 turned into one line on stderr and its exit code here, in `main()`, and nowhere
 else.  Exit codes: 0 all rows succeeded; 1 some rows ended in error (or the run
 aborted at --max-errors); 2 usage, configuration, input, model or output error;
@@ -27,14 +28,15 @@ try:  # recent typer vendors its own copy of click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
+from llamba_cli.cli import serve
 from llamba_cli.cli.options import OPTIONS
 from llamba_cli.cli.progress import LogProgress, RichProgress
 from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.checks import dry_run, validate_job
-from llamba_cli.job.execute import run_job
+from llamba_cli.job.execute import Job, JobOpener, run_job
 from llamba_cli.job.formats import list_formats, load_format
 from llamba_cli.job.interrupt import Interrupted, signals_raise
-from llamba_cli.job.spec import build_spec, load_job_file
+from llamba_cli.job.spec import BATCH_REFUSED, SETTINGS, JobSpec, build_spec, load_job_file
 from llamba_cli.job.summary import JobSummary
 
 app = typer.Typer(
@@ -51,6 +53,9 @@ err = Console(stderr=True, highlight=False, markup=False)
 out = Console(highlight=False, markup=False)
 
 
+# A batch file's lines carry their prompt and sampling, and custom_id is their id.
+_NOT_BATCH = {*BATCH_REFUSED, "id_column"}
+
 _DRY_RUN = typer.Option(
     "--dry-run", help="Render prompts and token counts; generate nothing.", rich_help_panel="Run"
 )
@@ -65,8 +70,10 @@ def _command(name: str, first: inspect.Parameter, task: str | None, help: str) -
 
     params = [first]
     for key, option in OPTIONS.items():
-        if (task == "classify" and option.generate_only) or (
-            task == "generate" and option.classify_only
+        if (
+            (task == "classify" and option.generate_only)
+            or (task == "generate" and option.classify_only)
+            or (task == "batch" and (SETTINGS[key].section == "sampling" or key in _NOT_BATCH))
         ):
             continue
         params.append(
@@ -118,6 +125,21 @@ _command(
     "classify",
     "Classify every row: restrict the answer to --labels and report each label's probability.",
 )
+_command(
+    "batch",
+    inspect.Parameter(
+        "input",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            str,
+            typer.Argument(
+                help="OpenAI Batch file (.jsonl): one request a line.", show_default=False
+            ),
+        ],
+    ),
+    "batch",
+    "Run an OpenAI Batch file (chat, completion and classify requests); OpenAI's output lines.",
+)
 _command("run", _JOB, None, "Run a job file; flags override its settings.")
 _command(
     "validate",
@@ -125,6 +147,8 @@ _command(
     None,
     "Check a job without generating: files, columns, labels, prompt token counts.",
 )
+
+serve.register(app, {key: (option.annotation, option.info) for key, option in OPTIONS.items()})
 
 
 @app.command("formats")
@@ -155,13 +179,13 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
             values[key] = value
     spec = build_spec(values)
     if command == "validate":
-        report = validate_job(spec)
+        report = validate_job(spec, opener=_opener(spec))
         for line in report.lines():
             out.print(line)
         raise typer.Exit(report.exit_code)
     if dry:
         table = Table("id", "tokens", "prompt", show_lines=True)
-        for row_id, n_tokens, prompt in dry_run(spec):
+        for row_id, n_tokens, prompt in dry_run(spec, opener=_opener(spec)):
             table.add_row(Text(row_id), str(n_tokens), Text(prompt))
         out.print(table)
         return
@@ -170,16 +194,27 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     raise typer.Exit(summary.exit_code)
 
 
+def _opener(spec: JobSpec) -> JobOpener:
+    """The job class for the spec's task: a batch file's lines are OpenAI requests,
+    run through the OpenAI protocol layer (loaded only then)."""
+    if spec.task == "batch":
+        from llamba_cli.openai.batch import BatchJob
+
+        return BatchJob
+    return Job
+
+
 def _run_with_progress(spec: Any) -> JobSummary:
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
     if err.is_terminal and not quiet:
         bar = RichProgress(err)
         try:
-            return run_job(spec, bar)
+            return run_job(spec, bar, opener=_opener(spec))
         finally:
             bar.stop()
     interval = _progress_interval()
-    return run_job(spec, LogProgress(interval=interval if not quiet else float("inf")))
+    progress = LogProgress(interval=interval if not quiet else float("inf"))
+    return run_job(spec, progress, opener=_opener(spec))
 
 
 def _progress_interval() -> float:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
-from llamba_cli.engine import Engine, EngineConfig, Model
+from llamba_cli.engine import Engine, EngineConfig, Model, Request
 from llamba_cli.errors import ConfigError, OutputError, RowError
 from llamba_cli.job.columns import output_schema
 from llamba_cli.job.formats import format_from_gguf, load_format
@@ -53,10 +53,29 @@ def _plain_type(kind: pa.DataType) -> bool:
     )
 
 
+class RowWriter(Protocol):
+    """Turns a job's input rows into engine requests, and finished requests into output
+    rows (in input order, through the job's `OutputStore`)."""
+
+    def requests(self) -> Iterator[Request]: ...
+    def finished(self, req: Request) -> None: ...
+
+
 class Job:
-    """A prepared job: input opened, labels and columns checked, model loaded."""
+    """A prepared job: input opened, labels and columns checked, model loaded.
+
+    `tasks` are the tasks a class runs.  A subclass (the batch task's
+    `llamba_cli.openai.batch.BatchJob`, which sits above this layer) changes how input
+    is checked (`check_input`), the output's id column (`id_field`) and schema, and how
+    rows become requests and output (`writer`); callers pass it to `run_job`,
+    `validate_job` and `dry_run` as their `opener`."""
+
+    tasks: tuple[str, ...] = ("generate", "classify")
+    id_field = "id"
 
     def __init__(self, spec: JobSpec, *, model: Model | None = None) -> None:
+        if spec.task not in self.tasks:
+            raise ConfigError(f"{type(self).__name__} does not run {spec.task!r} jobs")
         self.spec = spec
         self.source: InputSource = open_input(spec.input, id_column=spec.id_column)
         self.labels = self._check_labels() if spec.task == "classify" else None
@@ -91,11 +110,18 @@ class Job:
             bos_token=self.model.token_text(self.model.bos),
             eos_token=self.model.token_text(self.model.eos),
         )
-        self.builder.check_columns(self.source.columns)
+        self.check_input()
         if self.labels is not None:
             self._check_label_tokens(self.labels)
         self.fingerprint = spec.fingerprint(model_identity(self.model_path), self.format.name)
         self._max_prompt_bytes: int | None = None
+
+    def check_input(self) -> None:
+        """Fail before any row runs if the input cannot give prompts (model loaded)."""
+        self.builder.check_columns(self.source.columns)
+
+    def writer(self, store: OutputStore, summary: JobSummary, progress: ProgressSink) -> RowWriter:
+        return ResultWriter(self, store, summary, progress)
 
     def _check_labels(self) -> tuple[str, ...]:
         labels = self.spec.label_list()
@@ -210,6 +236,10 @@ class Job:
         return self.spec.engine_config(str(self.model_path))
 
 
+# Prepares the job of a spec: `Job`, or a subclass for tasks a higher layer defines.
+JobOpener = Callable[[JobSpec], Job]
+
+
 def read_paths(spec: JobSpec) -> list[Path]:
     """Files a job reads: none of them may be written as its output."""
     paths = [Path(spec.input), resolve_model_path(spec.model)]
@@ -254,7 +284,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
+def run_job(
+    spec: JobSpec, progress: ProgressSink | None = None, *, opener: JobOpener = Job
+) -> JobSummary:
     """Run `spec` to completion (or abort at `max_errors`), writing its output.
 
     Raises LlambaError subclasses for problems found before any row runs; a row's
@@ -263,7 +295,7 @@ def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
     `kept` saying where."""
     progress = progress or NoProgress()
     check_outputs(spec)
-    job = Job(spec)
+    job = opener(spec)
     engine = Engine(job.engine_config(), model=job.model)
     try:
         return _run(job, engine, progress)
@@ -282,6 +314,7 @@ def _run(job: Job, engine: Engine, progress: ProgressSink) -> JobSummary:
         flush_rows=spec.flush_rows,
         flush_seconds=spec.flush_seconds,
         schema=job.output_schema(),
+        id_field=job.id_field,
     )
     summary = JobSummary(task=spec.task, output=str(store.path), fingerprint=job.fingerprint)
     try:
@@ -296,7 +329,7 @@ def _run(job: Job, engine: Engine, progress: ProgressSink) -> JobSummary:
             total *= spec.n
         progress.start(total, "samples" if spec.n > 1 else "rows")
         t0 = time.perf_counter()
-        writer = ResultWriter(job, store, summary, progress)
+        writer = job.writer(store, summary, progress)
         for req in engine.run(writer.requests()):
             writer.finished(req)
             if spec.max_errors is not None and summary.errors > spec.max_errors:

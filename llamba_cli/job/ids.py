@@ -92,10 +92,11 @@ class StoredIds:
 
     About 9 bytes a row.  `freeze` computes, once the stored files are read, which
     ids count as done: every stored id, or with `retry_errors` only those whose
-    newest row has no error.
+    newest row has no error.  Stored files hold the id in the column `id_field`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, id_field: str = "id") -> None:
+        self.id_field = id_field
         self._hashes: list[np.ndarray] = []  # per part, in order ...
         self._errors: list[np.ndarray] = []  # ... and whether each row has an error
         self.stored = _EMPTY  # sorted unique hashes of every stored id
@@ -110,7 +111,8 @@ class StoredIds:
 
     def add_file(self, path: Path, fmt: str) -> None:
         """Index the ids (and error flags) of one stored file, in row order."""
-        chunks = _parquet_ids(path) if fmt == "parquet" else _jsonl_ids(path)
+        reader = _parquet_ids if fmt == "parquet" else _jsonl_ids
+        chunks = reader(path, self.id_field)
         for ids, errors in chunks:
             self.add(id_hashes(ids), errors)
 
@@ -149,14 +151,14 @@ def contains(sorted_hashes: np.ndarray, value: int) -> bool:
     return position < len(sorted_hashes) and sorted_hashes[position] == key
 
 
-def _parquet_ids(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
-    """The ids and error flags of a Parquet file, read column-wise in batches."""
+def _parquet_ids(path: Path, field: str) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The ids (column `field`) and error flags of a Parquet file, read in batches."""
     try:
         with pq.ParquetFile(path) as parquet:
             names = parquet.schema_arrow.names
-            if "id" not in names:
-                raise OutputError(f"cannot resume from '{path}': it has no 'id' column")
-            columns = ["id", "error"] if "error" in names else ["id"]
+            if field not in names:
+                raise OutputError(f"cannot resume from '{path}': it has no {field!r} column")
+            columns = [field, "error"] if "error" in names else [field]
             for batch in parquet.iter_batches(batch_size=_ID_BATCH, columns=columns):
                 ids = [str(value) for value in batch.column(0).to_pylist()]
                 if len(columns) == 2:
@@ -168,8 +170,8 @@ def _parquet_ids(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
         raise OutputError(f"cannot resume from '{path}': {_first_line(exc)}") from None
 
 
-def _jsonl_ids(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
-    """The ids and error flags of a JSON Lines file; blank lines are not rows."""
+def _jsonl_ids(path: Path, field: str) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The ids (key `field`) and error flags of a JSON Lines file; blank lines are not rows."""
     ids: list[str] = []
     errors: list[bool] = []
     with open(path, "rb") as stream:
@@ -180,11 +182,11 @@ def _jsonl_ids(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
                 row = orjson.loads(line)
             except orjson.JSONDecodeError:
                 row = None
-            if not isinstance(row, dict) or row.get("id") is None:
+            if not isinstance(row, dict) or row.get(field) is None:
                 raise OutputError(
                     f"cannot resume from '{path}': line {line_number} is not a row with an id"
                 )
-            ids.append(str(row["id"]))
+            ids.append(str(row[field]))
             errors.append(row.get("error") is not None)
             if len(ids) >= _ID_BATCH:
                 yield ids, np.array(errors, bool)

@@ -36,7 +36,22 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TASKS = ("generate", "classify")
+TASKS = ("generate", "classify", "batch")
+# Settings of the job itself that a batch job refuses: each request's body carries its
+# prompt and sampling (`openai.batch`); so do all of `SamplingParams`.
+BATCH_REFUSED = (
+    "prompt_column",
+    "messages_column",
+    "template",
+    "system",
+    "keep_columns",
+    "n",
+    "json_schema",
+    "grammar",
+    "labels",
+    "labels_file",
+    "label_delimiter",
+)
 _PATH_KEYS = ("input", "output", "model", "metrics_json", "json_schema", "grammar", "labels_file")
 _TABLES = ("prompt", "sampling", "engine", "run", "classify")
 # Fields of the engine's classes a job does not take from its user: it resolves the
@@ -98,6 +113,8 @@ class JobSpec:
                 raise ConfigError("json-schema and grammar apply to generate only")
             if getattr(self.sampling, "logprobs", None) is not None:
                 raise ConfigError("logprobs applies to generate only")
+        if self.task == "batch":
+            self._check_batch()
         if self.json_schema and self.grammar:
             raise ConfigError("give either --json-schema or --grammar, not both")
         if self.limit is not None and self.limit < 0:
@@ -115,6 +132,26 @@ class JobSpec:
         if self.id_column == "":
             raise ConfigError("id-column must not be empty")
         self.shard_index()  # validates the shard spelling
+
+    def _check_batch(self) -> None:
+        """A batch job's rows are identified by `custom_id` and bring their own prompt
+        and sampling in their bodies: the settings that would say otherwise are refused."""
+        if self.id_column is None:
+            object.__setattr__(self, "id_column", "custom_id")
+        elif self.id_column != "custom_id":
+            raise ConfigError("a batch job's rows are identified by custom_id (no id-column)")
+        given = [k for k in BATCH_REFUSED if getattr(self, k) != SETTINGS[k].default_value()]
+        unset = SamplingParams()
+        given += [
+            f.name
+            for f in dataclasses.fields(SamplingParams)
+            if getattr(self.sampling, f.name) != getattr(unset, f.name)
+        ]
+        if given:
+            raise ConfigError(
+                f"{given[0].replace('_', '-')} does not apply to a batch job: each request's"
+                " body carries its prompt and sampling"
+            )
 
     # -- derived --------------------------------------------------------------------
 
@@ -174,7 +211,7 @@ class JobSpec:
             fp["sampling"] = s
             fp["n"] = self.n
             fp["constraint"] = _file_digest(self.json_schema or self.grammar)
-        else:
+        elif self.task == "classify":
             fp["labels"] = list(self.label_list())
             fp["label_delimiter"] = self.label_delimiter
         return fp

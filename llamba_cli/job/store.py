@@ -93,7 +93,7 @@ class OutputStore:
     """The output of one job: buffered writes, durable parts, atomic final publish.
 
     `is_done(id)` and `done_count` describe the rows stored when the store was opened.
-    `write` buffers a row (a dict with at least `id` and `error`) and flushes once
+    `write` buffers a row (a dict with at least `id_field` and `error`) and flushes once
     `flush_rows` rows are buffered or the oldest buffered row is `flush_seconds` old
     (checked on each write; there is no background timer).  `flush` makes every
     written row durable; `close` flushes and leaves the work resumable; `finalize`
@@ -111,8 +111,10 @@ class OutputStore:
         flush_rows: int = 256,
         flush_seconds: float = 10.0,
         schema: pa.Schema | None = None,
+        id_field: str = "id",
     ) -> None:
         self.path = Path(path)
+        self.id_field = id_field
         self.format: str = output_format(self.path)
         self.schema = schema if self.format == "parquet" else None
         self.fingerprint: dict[str, Any] = _normalized(fingerprint)
@@ -130,7 +132,7 @@ class OutputStore:
         self._manifest: dict[str, Any] = {}
         self._supersedes = False
         self._next_part = 0
-        self._ids = StoredIds()
+        self._ids = StoredIds(id_field)
         self._buffer: list[dict[str, Any]] = []
         self._buffer_since: float | None = None
         self._finalized = False
@@ -163,7 +165,7 @@ class OutputStore:
         if (
             self.retry_errors
             and not self._supersedes
-            and contains(self._ids.stored, id_hash(str(row["id"])))
+            and contains(self._ids.stored, id_hash(str(row[self.id_field])))
         ):
             self._supersedes = True
         self._buffer.append(row)
@@ -372,7 +374,8 @@ class OutputStore:
         fsync_dir(self.work_dir)
         self._next_part += 1
         self._ids.add_rows(
-            (str(row["id"]) for row in rows), (row.get("error") is not None for row in rows)
+            (str(row[self.id_field]) for row in rows),
+            (row.get("error") is not None for row in rows),
         )
 
     def _merge_and_publish(self) -> None:
