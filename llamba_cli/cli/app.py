@@ -15,11 +15,10 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from llamba_cli import __version__
@@ -30,14 +29,17 @@ except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
 from llamba_cli.cli import serve
 from llamba_cli.cli.options import OPTIONS
-from llamba_cli.cli.progress import LogProgress, RichProgress
 from llamba_cli.errors import ConfigError, LlambaError
-from llamba_cli.job.checks import dry_run, validate_job
-from llamba_cli.job.execute import Job, JobOpener, run_job
 from llamba_cli.job.formats import list_formats, load_format
 from llamba_cli.job.interrupt import Interrupted, signals_raise
 from llamba_cli.job.spec import BATCH_REFUSED, SETTINGS, JobSpec, build_spec, load_job_file
-from llamba_cli.job.summary import JobSummary
+
+# Start-up time: parsing options and printing help must not pay for numpy, pyarrow,
+# jinja2 or llama.cpp, so what runs a job (job.execute, job.checks, the progress
+# display) is imported inside the commands (tests/cli/test_startup.py checks it).
+if TYPE_CHECKING:
+    from llamba_cli.job.execute import JobOpener
+    from llamba_cli.job.summary import JobSummary
 
 app = typer.Typer(
     name="llamba",
@@ -178,12 +180,16 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
         if value is not None:
             values[key] = value
     spec = build_spec(values)
+    from llamba_cli.job.checks import dry_run, validate_job
+
     if command == "validate":
         report = validate_job(spec, opener=_opener(spec))
         for line in report.lines():
             out.print(line)
         raise typer.Exit(report.exit_code)
     if dry:
+        from rich.table import Table
+
         table = Table("id", "tokens", "prompt", show_lines=True)
         for row_id, n_tokens, prompt in dry_run(spec, opener=_opener(spec)):
             table.add_row(Text(row_id), str(n_tokens), Text(prompt))
@@ -201,10 +207,15 @@ def _opener(spec: JobSpec) -> JobOpener:
         from llamba_cli.openai.batch import BatchJob
 
         return BatchJob
+    from llamba_cli.job.execute import Job
+
     return Job
 
 
 def _run_with_progress(spec: Any) -> JobSummary:
+    from llamba_cli.cli.progress import LogProgress, RichProgress
+    from llamba_cli.job.execute import run_job
+
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
     if err.is_terminal and not quiet:
         bar = RichProgress(err)

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llamba_cli.engine import check_gguf
 from llamba_cli.errors import ModelError
 
 EMBEDDED_MODEL = "gemma-3-270m (embedded)"
@@ -17,6 +16,8 @@ EMBEDDED_MODEL = "gemma-3-270m (embedded)"
 def resolve_model_path(model: str | None) -> Path:
     """`model`, else $LLAMBA_MODEL, else the embedded Gemma 3 270M (assembled once
     from its PyPI chunk packages into the user cache). Raises ModelError."""
+    from llamba_cli.engine import check_gguf  # loads llama.cpp: only when a model is used
+
     chosen = model or os.environ.get("LLAMBA_MODEL")
     if chosen:
         return check_gguf(chosen)

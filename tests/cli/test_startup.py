@@ -1,0 +1,85 @@
+"""Start-up: commands that only parse options or print help import nothing heavy.
+
+A property, not a timing: `llamba --help` and `llamba formats` must not load numpy,
+pyarrow, jinja2, llama.cpp or the server stack, which together cost several tenths
+of a second before the first line is printed (cron and CI run llamba on many small
+files).  Each case runs in a fresh interpreter, as the installed command does.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = (
+    "numpy",
+    "pyarrow",
+    "jinja2",
+    "llama_cpp",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "ray",
+)
+# Not pydantic: typer converts option values through it whenever a command runs.
+
+_PROBE = """
+import json, sys
+sys.argv = ["llamba", *sys.argv[1:]]
+from llamba_cli.cli.app import main
+try:
+    main()
+except SystemExit:
+    pass
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(HEAVY)))
+print("HEAVY=" + json.dumps(heavy))
+"""
+
+
+def heavy_modules_after(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", f"HEAVY = {json.dumps(json.dumps(HEAVY))}\n{_PROBE}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("HEAVY="))
+    return json.loads(line.removeprefix("HEAVY="))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--help",),
+        ("formats",),
+        ("version",),
+        ("generate", "--help"),
+        ("classify", "--help"),
+        ("run", "--help"),
+        ("serve", "--help"),
+        ("batch", "--help"),
+    ],
+)
+def test_help_and_formats_import_nothing_heavy(args: tuple[str, ...]) -> None:
+    assert heavy_modules_after(*args) == []
+
+
+def test_the_probe_sees_heavy_imports() -> None:
+    """The check can fail: a command that runs a job does load them."""
+    found = heavy_modules_after("validate", "jobs/generate.toml")
+    assert {"numpy", "llama_cpp", "pyarrow"} <= set(found)
+
+
+def test_engine_config_alone_does_not_load_llama_cpp() -> None:
+    code = (
+        "import sys\n"
+        "from llamba_cli.engine import EngineConfig, SamplingParams\n"
+        "EngineConfig(model_path='m.gguf'); SamplingParams()\n"
+        "assert 'llama_cpp' not in sys.modules and 'numpy' not in sys.modules\n"
+        "from llamba_cli.engine import Model\n"
+        "assert 'llama_cpp' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
