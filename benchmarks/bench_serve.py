@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Model(model_path)
     prompts = list(common.PROMPTS)
     mean_prompt = statistics.fmean(len(model.tokenize(p)) for p in prompts)
-    eog = [int(t) for t in model.eog_mask.nonzero()[0]]
+    eog = [t for t in range(model.n_vocab) if model.is_eog(t)]
     model.close()
 
     described = {

@@ -12,14 +12,13 @@ User text (ids, paths, prompts) is always printed as plain text, never as markup
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
 from llamba_cli import __version__
 
@@ -38,6 +37,8 @@ from llamba_cli.job.spec import BATCH_REFUSED, SETTINGS, JobSpec, build_spec, lo
 # jinja2 or llama.cpp, so what runs a job (job.execute, job.checks, the progress
 # display) is imported inside the commands (tests/cli/test_startup.py checks it).
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from llamba_cli.job.execute import JobOpener
     from llamba_cli.job.summary import JobSummary
 
@@ -47,12 +48,20 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-# markup=False: whatever is printed may contain user text, and "[/x]" in an id or a
-# path must print as itself, not be taken for a closing tag.
-err = Console(stderr=True, highlight=False, markup=False)
-out = Console(highlight=False, markup=False)
+
+
+@functools.cache
+def _console(stderr: bool) -> Console:
+    """The console for stdout or stderr, made on first use (rich loads only then).
+
+    markup=False: whatever is printed may contain user text, and "[/x]" in an id or
+    a path must print as itself, not be taken for a closing tag."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, markup=False)
 
 
 # A batch file's lines carry their prompt and sampling, and custom_id is their id.
@@ -156,15 +165,17 @@ serve.register(app, {key: (option.annotation, option.info) for key, option in OP
 @app.command("formats")
 def formats_command() -> None:
     """List the packaged prompt formats."""
+    from rich.text import Text
+
     for name in list_formats():
         fmt = load_format(name)
-        out.print(Text.assemble((f"{name:10}", "bold"), " ", fmt.description))
+        _console(False).print(Text.assemble((f"{name:10}", "bold"), " ", fmt.description))
 
 
 @app.command("version")
 def version_command() -> None:
     """Print llamba's version."""
-    out.print(f"llamba {__version__}")
+    _console(False).print(f"llamba {__version__}")
 
 
 def _execute(command: str, kwargs: dict[str, Any]) -> None:
@@ -185,15 +196,19 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     if command == "validate":
         report = validate_job(spec, opener=_opener(spec))
         for line in report.lines():
-            out.print(line)
+            _console(False).print(line)
         raise typer.Exit(report.exit_code)
     if dry:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table("id", "tokens", "prompt", show_lines=True)
-        for row_id, n_tokens, prompt in dry_run(spec, opener=_opener(spec)):
+        notes: list[str] = []
+        for row_id, n_tokens, prompt in dry_run(spec, opener=_opener(spec), notes=notes):
             table.add_row(Text(row_id), str(n_tokens), Text(prompt))
-        out.print(table)
+        _console(False).print(table)
+        for note in notes:
+            _console(False).print(note)
         return
     summary = _run_with_progress(spec)
     _print_summary(summary)
@@ -217,6 +232,7 @@ def _run_with_progress(spec: Any) -> JobSummary:
     from llamba_cli.job.execute import run_job
 
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
+    err = _console(True)
     if err.is_terminal and not quiet:
         bar = RichProgress(err)
         try:
@@ -240,6 +256,7 @@ def _progress_interval() -> float:
 
 
 def _print_summary(s: JobSummary) -> None:
+    err = _console(True)
     speed = (
         f"{s.rows_per_second:.2f} rows/s"
         if s.task == "classify"

@@ -44,7 +44,25 @@ _WHERE = {
     "schema_to_gbnf": "grammar",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineLoop",
+    "EngineStats",
+    "Grammar",
+    "LoopStats",
+    "Model",
+    "Request",
+    "RequestOutput",
+    "RequestStream",
+    "SamplingParams",
+    "Status",
+    "TokenLogprob",
+    "check_gguf",
+    "normalize",
+    "schema_to_gbnf",
+]
+assert sorted(__all__) == sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,7 @@ Names follow llama.cpp (`n_batch`, `n_gpu_layers`, `flash_attn`) and OpenAI
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -81,6 +82,18 @@ class EngineConfig:
             return self.kv_cells
         reserve = self.prefix_cache_tokens if self.prefix_cache else 0
         return self.slots * self.n_ctx_seq + reserve
+
+    def sized_for(self, sequences: int | None) -> EngineConfig:
+        """This configuration for a workload of at most `sequences` requests (None:
+        unknown): no more slots than requests, and no prefix cache when a single
+        request has nothing to share it with.  Less KV memory, the same results."""
+        if sequences is None or self.kv_cells is not None:
+            return self
+        slots = max(1, min(self.slots, sequences))
+        prefix_cache = self.prefix_cache and sequences > 1
+        if (slots, prefix_cache) == (self.slots, self.prefix_cache):
+            return self
+        return dataclasses.replace(self, slots=slots, prefix_cache=prefix_cache)
 
     @property
     def prefix_slots(self) -> int:

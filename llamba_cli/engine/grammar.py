@@ -129,16 +129,16 @@ class _GrammarVocab:
         return tables
 
     def __init__(self, model: Model) -> None:
-        first, single, control = vocab_pieces(model)  # first: 256 for an empty piece
+        first, single, control, eog = vocab_pieces(model)  # first: 256 for an empty piece
         probes = np.full(256, -1, dtype=np.int32)
         for t in np.flatnonzero(single & ~control)[::-1]:  # the lowest id per byte
             probes[first[t]] = t
-        self.banned = control & ~model.eog_mask
-        self.eog = np.flatnonzero(model.eog_mask).astype(np.int32)
+        self.banned = control & ~eog
+        self.eog = np.flatnonzero(eog).astype(np.int32)
         key = first.astype(np.int32)
         key[(key < 256) & (probes[np.minimum(key, 255)] < 0)] = 256
-        key[model.eog_mask] = 256  # always a candidate
-        key[self.banned | ((first == 256) & ~model.eog_mask)] = 257  # never
+        key[eog] = 256  # always a candidate
+        key[self.banned | ((first == 256) & ~eog)] = 257  # never
         self.order = np.argsort(key, kind="stable").astype(np.int32)
         self.bounds = np.searchsorted(key[self.order], np.arange(259)).astype(np.int64)
         self.probe_bytes = np.flatnonzero(probes >= 0)

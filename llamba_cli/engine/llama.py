@@ -111,11 +111,9 @@ class Model:
         self.bos: int = lc.llama_vocab_bos(self._vocab)
         self.eos: int = lc.llama_vocab_eos(self._vocab)
         self.add_bos: bool = bool(lc.llama_vocab_get_add_bos(self._vocab))
-        # A dense mask makes the end-of-generation test one array lookup per token.
-        is_eog = lc.llama_vocab_is_eog
-        self.eog_mask = np.fromiter(
-            (is_eog(self._vocab, t) for t in range(self.n_vocab)), dtype=bool, count=self.n_vocab
-        )
+        # Filled per token as tokens are generated: a mask over the whole vocabulary
+        # would cost 262,144 FFI calls (a quarter second) at every start.
+        self._eog: dict[int, bool] = {}
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -129,6 +127,13 @@ class Model:
             self.close()
 
     # -- vocabulary -------------------------------------------------------------
+
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation (end of sequence, end of turn, ...). Cached."""
+        got = self._eog.get(token)
+        if got is None:
+            got = self._eog[token] = bool(lc.llama_vocab_is_eog(self._vocab, token))
+        return got
 
     def tokenize(
         self, text: str, *, add_bos: bool | None = None, special: bool = True
@@ -183,6 +188,20 @@ class Model:
     @property
     def chat_template(self) -> str | None:
         return self.metadata("tokenizer.chat_template")
+
+    def kv_bytes_per_cell(self) -> int:
+        """Bytes of KV cache one token takes in a context (keys and values of every
+        layer, in llama.cpp's default f16), from the model's shape."""
+        n_layer = lc.llama_model_n_layer(self._ptr)
+        n_head = max(1, lc.llama_model_n_head(self._ptr))
+        n_head_kv = lc.llama_model_n_head_kv(self._ptr)
+        arch = self.metadata("general.architecture") or ""
+        default = lc.llama_model_n_embd(self._ptr) // n_head
+        dims = []
+        for key in ("key_length", "value_length"):
+            raw = self.metadata(f"{arch}.attention.{key}")
+            dims.append(int(raw) if raw and raw.isdigit() else default)
+        return n_layer * n_head_kv * sum(dims) * 2
 
 
 class Batch:
@@ -319,21 +338,24 @@ TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32
 assert TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
 
 
-def vocab_pieces(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def vocab_pieces(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass over `model`'s vocabulary (about a second at 262,144 tokens): per token,
     the first byte of its piece as llama.cpp's grammar matches it (special tokens as
-    their text; 256 for an empty piece), whether the piece is that one byte alone, and
-    whether it is a control token."""
+    their text; 256 for an empty piece), whether the piece is that one byte alone,
+    whether it is a control token, and whether it ends generation."""
     n = model.n_vocab
     vocab = model._vocab
     first = np.full(n, 256, dtype=np.int16)
     single = np.zeros(n, dtype=bool)
     control = np.zeros(n, dtype=bool)
+    eog = np.zeros(n, dtype=bool)
     buf = ctypes.create_string_buffer(64)
     to_piece, get_attr = lc.llama_token_to_piece, lc.llama_vocab_get_attr
+    is_eog = lc.llama_vocab_is_eog
     is_control = lc.LLAMA_TOKEN_ATTR_CONTROL
     for t in range(n):
         control[t] = bool(get_attr(vocab, t) & is_control)
+        eog[t] = is_eog(vocab, t)
         size = to_piece(vocab, t, buf, 64, 0, True)  # special=True: as the grammar sees it
         if size < 0:
             big = ctypes.create_string_buffer(-size)
@@ -342,7 +364,7 @@ def vocab_pieces(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         elif size > 0:
             first[t] = buf.raw[0]
             single[t] = size == 1
-    return first, single, control
+    return first, single, control, eog
 
 
 class GrammarSampler:

@@ -48,8 +48,7 @@ class Owner(Protocol):
 class Vocab(Protocol):
     """What the finishing rules need to know about tokens (a `Model` is one)."""
 
-    eog_mask: np.ndarray
-
+    def is_eog(self, token: int) -> bool: ...
     def piece(self, token: int) -> bytes: ...
 
 
@@ -327,7 +326,7 @@ class Scheduler:
         if tok < 0:  # the sampler found no token the request's grammar allows
             self._finish(req, "error", "the grammar allows no next token")
             return
-        eog = bool(self.vocab.eog_mask[tok])
+        eog = self.vocab.is_eog(tok)
         if eog and not p.ignore_eos:
             self._finish(req, "stop")
             return

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamba_cli.errors import RowError
@@ -23,6 +24,7 @@ class ValidationReport:
     duplicates: int = 0
     format: str = ""
     model: str = ""
+    allocation: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -32,6 +34,7 @@ class ValidationReport:
         out = [
             f"model: {self.model}",
             f"prompt format: {self.format}",
+            f"engine: {self.allocation}",
             f"rows: {self.rows}; longest prompt {self.max_tokens_seen} tokens "
             f"(limit {self.limit - 1}, --ctx {self.limit})",
         ]
@@ -57,7 +60,12 @@ def validate_job(spec: JobSpec, *, opener: JobOpener = Job) -> ValidationReport:
     if spec.output:
         out = Path(spec.output).expanduser()
         preflight(out, fingerprint=job.fingerprint, overwrite=spec.overwrite)
-    report = ValidationReport(limit=spec.ctx, format=job.format.name, model=job.model_path.name)
+    report = ValidationReport(
+        limit=spec.ctx,
+        format=job.format.name,
+        model=job.model_path.name,
+        allocation=job.allocation(),
+    )
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
         report.rows += 1
@@ -74,14 +82,20 @@ def validate_job(spec: JobSpec, *, opener: JobOpener = Job) -> ValidationReport:
 
 
 def dry_run(
-    spec: JobSpec, default_rows: int = 5, *, opener: JobOpener = Job
+    spec: JobSpec,
+    default_rows: int = 5,
+    *,
+    opener: JobOpener = Job,
+    notes: list[str] | None = None,
 ) -> Iterator[tuple[str, int, str]]:
-    """(id, prompt tokens, prompt text) of the first rows (`--limit`, default 5)."""
-    if spec.limit is None:
-        spec = replace(spec, limit=default_rows)
+    """(id, prompt tokens, prompt text) of the first rows (`--limit`, default 5).
+    `notes`, when given, gets what a run of the whole job would allocate."""
     job = opener(spec)
+    if notes is not None:
+        notes.append(f"engine: {job.allocation()}")
     summary = JobSummary(task=spec.task, output=None)
-    for row in job.rows(None, summary):
+    shown = spec.limit if spec.limit is not None else default_rows
+    for row in itertools.islice(job.rows(None, summary), shown):
         try:
             prompt = job.prompt(row)
         except RowError as e:

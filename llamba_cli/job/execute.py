@@ -232,8 +232,37 @@ class Job:
             self._max_prompt_bytes = self.spec.ctx * max(longest, 1)
         return self._max_prompt_bytes
 
+    def planned_requests(self) -> int | None:
+        """At most how many engine requests a run submits, when the input's row count
+        is known without parsing it (Parquet footer, JSON Lines line count); else None.
+        An upper bound: rows already done, duplicates and other shards only lower it."""
+        total = self.source.count_rows()
+        if total is None:
+            return None
+        if self.spec.limit is not None:
+            total = min(total, self.spec.limit)
+        return total * self.spec.n
+
     def engine_config(self) -> EngineConfig:
-        return self.spec.engine_config(str(self.model_path))
+        """The engine settings, sized to the work when its size is known (see
+        `EngineConfig.sized_for`): a one-row job allocates one slot's KV, not 16."""
+        config = self.spec.engine_config(str(self.model_path))
+        return config.sized_for(self.planned_requests())
+
+    def allocation(self) -> str:
+        """What a run's engine would allocate, for `validate` and `--dry-run`."""
+        config = self.engine_config()
+        mib = config.n_ctx * self.model.kv_bytes_per_cell() / (1 << 20)
+        return (
+            f"{config.slots} slot{'s' if config.slots != 1 else ''} x {config.n_ctx_seq} "
+            f"tokens (--ctx), KV cache {config.n_ctx} cells"
+            + (
+                f" incl. {config.prefix_cache_tokens} for shared prefixes"
+                if config.prefix_cache
+                else ""
+            )
+            + f", about {mib:.0f} MiB"
+        )
 
 
 # Prepares the job of a spec: `Job`, or a subclass for tasks a higher layer defines.

@@ -116,6 +116,9 @@ class BatchJob(Job):
     def output_schema(self) -> pa.Schema:
         return batch_schema()
 
+    def planned_requests(self) -> int | None:
+        return None  # a line may ask for several choices or prompts: unknown before parsing
+
     def writer(self, store: OutputStore, summary: JobSummary, progress: ProgressSink) -> RowWriter:
         return BatchWriter(self, store, summary, progress)
 

@@ -26,9 +26,10 @@ class TableVocab:
     """A hand-made vocabulary: token t reads "<t>", except where `pieces` says."""
 
     def __init__(self, pieces: dict[int, bytes] | None = None) -> None:
-        self.eog_mask = np.zeros(N_VOCAB, dtype=bool)
-        self.eog_mask[EOG] = True
         self.pieces = pieces or {}
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
 
     def piece(self, token: int) -> bytes:
         return b"" if token == EOG else self.pieces.get(token, f"<{token}>".encode())
