@@ -10,6 +10,7 @@ without asking the grammar about the whole vocabulary (see `_GrammarVocab`).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,7 +36,7 @@ from llamba_cli.engine.schema import (
 )
 from llamba_cli.errors import ConfigError
 
-__all__ = ["Grammar", "schema_to_gbnf"]
+__all__ = ["Grammar", "grammar_vocab_tables", "schema_to_gbnf", "use_grammar_vocab_tables"]
 
 # A JSON string character as JSON allows it.  llama-cpp-python's converter uses
 # `[^"\\]`, which lets raw control characters (a newline, a tab) into strings: the
@@ -103,6 +104,69 @@ def _parser_message(gbnf: str) -> Any:
     return claim
 
 
+@dataclass(frozen=True)
+class _Pieces:
+    """Per-token facts from one pass over a vocabulary (see `llama.vocab_pieces`)."""
+
+    first: np.ndarray  # int16: first byte of the piece, 256 for an empty one
+    single: np.ndarray  # bool: the piece is that byte alone
+    control: np.ndarray  # bool
+    eog: np.ndarray  # bool
+
+    DTYPES: ClassVar[dict[str, Any]] = {
+        "first": np.int16,
+        "single": np.bool_,
+        "control": np.bool_,
+        "eog": np.bool_,
+    }
+
+
+# Tokens a stored table is checked on, besides every token it marks end-of-generation
+# and every single-byte probe: an independent random sample each time it is loaded.
+_SPOT_CHECKS = 1024
+
+
+def grammar_vocab_tables(model: Model) -> dict[str, np.ndarray]:
+    """The vocabulary tables grammar sampling needs for `model`, as plain arrays that
+    a caller may store (one pass over the vocabulary, about a second at 262,144
+    tokens, unless they are known already) and give back with `use_grammar_vocab_tables`."""
+    p = _GrammarVocab.of(model).pieces
+    return {name: getattr(p, name) for name in _Pieces.DTYPES}
+
+
+def use_grammar_vocab_tables(model: Model, tables: dict[str, np.ndarray]) -> bool:
+    """Adopt stored tables for `model` if they check out, instead of the pass over the
+    vocabulary; False (and nothing adopted) if they do not.
+
+    Checked here, whoever stored them: names, types and sizes; then llama.cpp is asked
+    again about every end-of-generation token and single-byte probe the tables name,
+    about the model's own end tokens, and about a fresh random sample of other tokens,
+    and any difference rejects the whole table.  A wrong entry that escaped the sample
+    could only narrow or widen the candidates offered to the grammar, which still
+    decides itself which tokens are allowed."""
+    if model in _GrammarVocab._by_model:
+        return True
+    n = model.n_vocab
+    arrays = {}
+    for name, dtype in _Pieces.DTYPES.items():
+        a = tables.get(name)
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != (n,):
+            return False
+        arrays[name] = a
+    pieces = _Pieces(**arrays)
+    rng = np.random.default_rng()
+    check = {int(t) for t in rng.integers(0, n, size=min(_SPOT_CHECKS, n))}
+    check |= {int(t) for t in np.flatnonzero(pieces.eog | pieces.single)}
+    check |= {t for t in (model.eos, model.bos) if 0 <= t < n}
+    ids = np.array(sorted(check), dtype=np.int64)
+    fresh = vocab_pieces(model, ids)
+    for name, values in zip(_Pieces.DTYPES, fresh, strict=True):
+        if not np.array_equal(getattr(pieces, name)[ids], values):
+            return False
+    _GrammarVocab._by_model[model] = _GrammarVocab(model, pieces)
+    return True
+
+
 class _GrammarVocab:
     """Facts about a model's vocabulary that grammar sampling needs; built once per model.
 
@@ -125,11 +189,12 @@ class _GrammarVocab:
     def of(cls, model: Model) -> _GrammarVocab:
         tables = cls._by_model.get(model)
         if tables is None:
-            tables = cls._by_model[model] = cls(model)
+            tables = cls._by_model[model] = cls(model, _Pieces(*vocab_pieces(model)))
         return tables
 
-    def __init__(self, model: Model) -> None:
-        first, single, control, eog = vocab_pieces(model)  # first: 256 for an empty piece
+    def __init__(self, model: Model, pieces: _Pieces) -> None:
+        self.pieces = pieces
+        first, single, control, eog = pieces.first, pieces.single, pieces.control, pieces.eog
         probes = np.full(256, -1, dtype=np.int32)
         for t in np.flatnonzero(single & ~control)[::-1]:  # the lowest id per byte
             probes[first[t]] = t

@@ -338,12 +338,15 @@ TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32
 assert TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
 
 
-def vocab_pieces(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One pass over `model`'s vocabulary (about a second at 262,144 tokens): per token,
-    the first byte of its piece as llama.cpp's grammar matches it (special tokens as
-    their text; 256 for an empty piece), whether the piece is that one byte alone,
-    whether it is a control token, and whether it ends generation."""
-    n = model.n_vocab
+def vocab_pieces(
+    model: Model, tokens: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per token of `tokens` (default: the whole vocabulary, about a second at 262,144
+    tokens): the first byte of its piece as llama.cpp's grammar matches it (special
+    tokens as their text; 256 for an empty piece), whether the piece is that one byte
+    alone, whether it is a control token, and whether it ends generation."""
+    ids = range(model.n_vocab) if tokens is None else [int(t) for t in tokens]
+    n = len(ids)
     vocab = model._vocab
     first = np.full(n, 256, dtype=np.int16)
     single = np.zeros(n, dtype=bool)
@@ -353,17 +356,17 @@ def vocab_pieces(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     to_piece, get_attr = lc.llama_token_to_piece, lc.llama_vocab_get_attr
     is_eog = lc.llama_vocab_is_eog
     is_control = lc.LLAMA_TOKEN_ATTR_CONTROL
-    for t in range(n):
-        control[t] = bool(get_attr(vocab, t) & is_control)
-        eog[t] = is_eog(vocab, t)
+    for i, t in enumerate(ids):
+        control[i] = bool(get_attr(vocab, t) & is_control)
+        eog[i] = is_eog(vocab, t)
         size = to_piece(vocab, t, buf, 64, 0, True)  # special=True: as the grammar sees it
         if size < 0:
             big = ctypes.create_string_buffer(-size)
             to_piece(vocab, t, big, -size, 0, True)
-            first[t] = big.raw[0]
+            first[i] = big.raw[0]
         elif size > 0:
-            first[t] = buf.raw[0]
-            single[t] = size == 1
+            first[i] = buf.raw[0]
+            single[i] = size == 1
     return first, single, control, eog
 
 

@@ -32,6 +32,7 @@ from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.store import OutputStore, check_location, output_format
 from llamba_cli.job.structured import Constraint, load_constraint
 from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_metrics
+from llamba_cli.job.vocab_cache import prime_grammar_vocab
 from llamba_cli.job.writer import ResultWriter
 
 
@@ -97,6 +98,7 @@ class Job:
                 f"({self.model.n_ctx_train})"
             )
         if self.constraint is not None:
+            prime_grammar_vocab(self.model, self.model_path)
             self.constraint.check(self.model)
         self.format = self._prompt_format()
         self.builder = PromptBuilder(

@@ -1,0 +1,91 @@
+"""A per-model file cache of the vocabulary tables grammar sampling needs.
+
+Building them is one pass over the vocabulary through llama.cpp (about a second for
+the embedded model's 262,144 tokens), paid by every `--json-schema` or `--grammar`
+run; stored, a one-row structured job starts in a fraction of that.
+
+Safe when the cache is missing, stale or unwritable: a file is named by the model's
+identity (size and a hash of its head and tail, as in the output fingerprint), the
+llama-cpp-python version and this format's version, so another model or library
+never finds it; it is written to a temporary name and renamed, so a reader never
+sees half a file; a file that cannot be read or parsed is ignored; and whatever is
+read is checked by the engine against llama.cpp before it is used
+(`use_grammar_vocab_tables`), else rebuilt and written again.  Failing to write is
+not an error: the next run builds the tables again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llamba_cli.engine import Model
+from llamba_cli.engine.grammar import grammar_vocab_tables, use_grammar_vocab_tables
+from llamba_cli.job.models import model_identity
+
+FORMAT = 1
+# Bigger files are not ours (four arrays of at most a few MiB for any real vocabulary).
+_MAX_BYTES = 64 << 20
+
+
+def cache_dir() -> Path:
+    """`$LLAMBA_CACHE_DIR`, else `$XDG_CACHE_HOME/llamba`, else `~/.cache/llamba`."""
+    chosen = os.environ.get("LLAMBA_CACHE_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llamba"
+
+
+def cache_path(model_path: Path) -> Path:
+    ident = model_identity(model_path)
+    try:
+        lib = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        lib = "unknown"
+    name = f"grammar-vocab-v{FORMAT}-{ident['size']}-{ident['sha256_head_tail']}-{lib}.npz"
+    return cache_dir() / name
+
+
+def prime_grammar_vocab(model: Model, model_path: Path) -> str:
+    """Make `model`'s grammar vocabulary tables ready, from the cache when a valid
+    copy is there.  Returns what happened: "cached", "built" or "built, not stored"."""
+    path = cache_path(model_path)
+    tables = _read(path)
+    if tables is not None and use_grammar_vocab_tables(model, tables):
+        return "cached"
+    fresh = grammar_vocab_tables(model)
+    return "built" if _write(path, fresh) else "built, not stored"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_BYTES + 1)
+        if len(data) > _MAX_BYTES:
+            return None
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except Exception:  # missing, unreadable, truncated or not ours: build instead
+        return None
+
+
+def _write(path: Path, tables: dict[str, np.ndarray]) -> bool:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            np.savez(f, **tables)  # type: ignore[arg-type]  # numpy types **kwds as bool
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
