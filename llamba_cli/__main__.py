@@ -1,3 +1,3 @@
-from llamba_cli.cli.app import main
+from llamba_cli.cli.app import entry
 
-main()
+entry()

@@ -12,10 +12,12 @@ User text (ids, paths, prompts) is always printed as plain text, never as markup
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -310,6 +312,26 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("LLAMBA_DEBUG"):
             raise
         _fail(f"internal error: {type(e).__name__}: {e} (set LLAMBA_DEBUG=1 for a traceback)", 70)
+
+
+def entry() -> None:
+    """The installed `llamba` command (and `python -m llamba_cli`): `main`, then leave
+    without the interpreter's teardown.
+
+    Everything a run writes is closed (and synced) before `main` returns; what is left
+    is freeing the model and context (about a tenth of a second for the embedded
+    model) and module clean-up, which the operating system does faster.  Only when
+    nothing else is running: no other thread, no Ray runtime to shut down."""
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else None
+        if code is None or threading.active_count() > 1 or "ray" in sys.modules:
+            raise
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def _fail(message: str, code: int) -> None:
