@@ -25,6 +25,7 @@ try:  # recent typer vendors its own copy of click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
+from llamba_cli.cli import ray_options
 from llamba_cli.cli.progress import LogProgress, RichProgress
 from llamba_cli.errors import LlambaError
 from llamba_cli.job.checks import dry_run, validate_job
@@ -336,6 +337,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
         ),
     ),
 }
+OPTIONS.update(ray_options.OPTIONS)  # --ray, --address, --actors, ...
 _GENERATE_ONLY = {
     "n",
     "json_schema",
@@ -408,7 +410,7 @@ _command("run", _JOB, set(), "Run a job file; flags override its settings.")
 _command(
     "validate",
     _JOB,
-    {"dry_run"},
+    {"dry_run", *ray_options.OPTIONS},
     "Check a job without generating: files, columns, labels, prompt token counts.",
 )
 
@@ -428,6 +430,7 @@ def version_command() -> None:
 
 
 def _execute(command: str, kwargs: dict[str, Any]) -> None:
+    cluster = ray_options.take(kwargs)
     dry = kwargs.pop("dry_run", False)
     values: dict[str, Any] = {}
     if command in ("run", "validate"):
@@ -456,21 +459,21 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
             table.add_row(row_id, str(n_tokens), prompt)
         out.print(table)
         return
-    summary = _run_with_progress(spec)
+    summary = _run_with_progress(spec, ray_options.runner(cluster))
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
 
-def _run_with_progress(spec: Any) -> JobSummary:
+def _run_with_progress(spec: Any, run: ray_options.Runner = run_job) -> JobSummary:
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
     if err.is_terminal and not quiet:
         bar = RichProgress(err)
         try:
-            return run_job(spec, bar)
+            return run(spec, bar)
         finally:
             bar.stop()
     interval = float(os.environ.get("LLAMBA_PROGRESS_INTERVAL", "10"))
-    return run_job(spec, LogProgress(interval=interval if not quiet else float("inf")))
+    return run(spec, LogProgress(interval=interval if not quiet else float("inf")))
 
 
 def _print_summary(s: JobSummary) -> None:

@@ -111,9 +111,13 @@ def id_hash(row_id: str) -> int:
 class Job:
     """A prepared job: input opened, labels and columns checked, model loaded."""
 
-    def __init__(self, spec: JobSpec, *, model: Model | None = None) -> None:
+    def __init__(
+        self, spec: JobSpec, *, model: Model | None = None, source: InputSource | None = None
+    ) -> None:
         self.spec = spec
-        self.source: InputSource = open_input(spec.input, id_column=spec.id_column)
+        if source is None:  # a Ray actor passes the rows of its current batch instead
+            source = open_input(spec.input, id_column=spec.id_column)
+        self.source: InputSource = source
         self.labels = self._check_labels() if spec.task == "classify" else None
         missing = [c for c in spec.keep_columns if c not in self.source.columns]
         if missing:
