@@ -162,7 +162,8 @@ class PartFolder:
         if self.path.is_dir() and overwrite:
             if any(self.path.iterdir()) and not manifest_path.exists():
                 raise ResumeError(
-                    f"'{self.path}' exists and was not produced by llamba; choose another output path"
+                    f"'{self.path}' exists and was not produced by llamba;"
+                    " choose another output path"
                 )
             shutil.rmtree(self.path)
         if not self.path.exists():
