@@ -127,6 +127,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         ray.shutdown()
     return {
         "kind": kind,
+        "actors": {"local": 1, "ray1": 1, "ray2": 2}[kind],
         "import": imported,
         "ray_start": ray_start,
         "prepare": timeline.started,
@@ -161,11 +162,14 @@ def run_once(args: argparse.Namespace, kind: str, workdir: Path, n: int) -> dict
 
 def phases(run: dict[str, Any]) -> dict[str, float]:
     """Seconds and rates of one run: start-up up to the first finished rows, and the
-    steady rate from then on (rows after the first completion / time since it)."""
+    steady rate after the start-up wave (every actor's first block, which carries its
+    start-up, is left out: rows after it / time after it)."""
     done = run["done"]
-    first_t, first_rows = done[0]
+    wave = min(run["actors"], len(done)) - 1
+    first_t = done[0][0]
+    wave_t, wave_rows = done[wave]
     last_t, last_rows = done[-1]
-    steady = (last_rows - first_rows) / (last_t - first_t) if last_t > first_t else float("nan")
+    steady = (last_rows - wave_rows) / (last_t - wave_t) if last_t > wave_t else float("nan")
     return {
         "wall": run["wall"],
         "ray_start": run["ray_start"],
@@ -173,7 +177,7 @@ def phases(run: dict[str, Any]) -> dict[str, float]:
         "first": first_t - run["prepare"],
         "steady": steady,
         "overall": run["rows"] / run["wall"],
-        "fixed": run["wall"] - (last_t - first_t),  # everything but the steady part
+        "fixed": run["wall"] - (last_t - wave_t),  # everything but the steady part
     }
 
 
@@ -232,7 +236,15 @@ def report(args: argparse.Namespace, facts: list[str], results: dict[str, list])
         kind = ray_kinds[0]
         p, local = med[kind], med["local"]
         fixed, rate, actors = p["fixed"], p["steady"], 2 if kind == "ray2" else 1
-        per_block = args.block_rows * (1 / rate - 1 / local["steady"]) * actors
+        per_block = args.block_rows * (actors / rate - 1 / local["steady"])
+        if per_block > 0:
+            block_cost = (
+                f" Ray's per-block cost here is about {per_block:.2f} s per {args.block_rows}-row"
+                " block (a block's rows at one actor's Ray rate minus the local rate), which"
+                " includes the engine draining at each block's end."
+            )
+        else:
+            block_cost = " At this size Ray's per-block cost is below the noise."
         lines += [
             "",
             "## Scaling model",
@@ -248,10 +260,7 @@ def report(args: argparse.Namespace, facts: list[str], results: dict[str, list])
             f" ({p['first']:.1f} s). The driver reads the input alone, so its share of F grows"
             " with R (not with N); actors start in parallel, so the rest stays put as N grows."
             f" Locally the same job runs at {local['steady']:.2f} rows/s after"
-            f" {local['fixed']:.1f} s of start-up: Ray's per-block cost here is about"
-            f" {per_block:.2f} s per {args.block_rows}-row block (the block's rows at Ray's"
-            " rate minus the local rate, per actor), which includes the engine draining at"
-            " each block's end.",
+            f" {local['fixed']:.1f} s of start-up." + block_cost,
             "",
             "| N machines | predicted wall s | predicted rows/s | vs local |",
             "| ---: | ---: | ---: | ---: |",

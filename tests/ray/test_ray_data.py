@@ -28,7 +28,7 @@ from tests.cli_process import REPO, llamba
 pytest.importorskip(
     "ray.data", reason="Ray Data is not installed (the 'ray' extra: pip install 'llamba[ray]')"
 )
-import ray  # noqa: E402  (imported once the skip above has passed)
+import ray
 
 LABELS = ("positive", "negative")
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -103,6 +103,7 @@ def test_generate_40_rows_through_two_actors(cluster, tmp_path):
     assert set(errors) == {"13", "g27"}
     assert all(rows[i]["finish_reason"] == "error" and rows[i]["text"] is None for i in errors)
     assert all(row["completion_tokens"] > 0 for i, row in rows.items() if i not in errors)
+    assert ray.data.read_parquet(str(ray_out)).count() == 40  # the manifest is not read
 
 
 def test_classify_job_file_on_ray_agrees_with_local_run(cluster, tmp_path):
@@ -127,7 +128,7 @@ def test_classify_job_file_on_ray_agrees_with_local_run(cluster, tmp_path):
     assert ray_table.column_names == local_table.column_names
     rows, local_rows = by_id(ray_table), by_id(local_table)
     assert (
-        sorted(rows) == sorted(local_rows) == sorted(reviews.column("id").to_pylist() + ["r_null"])
+        sorted(rows) == sorted(local_rows) == sorted([*reviews.column("id").to_pylist(), "r_null"])
     )
     assert rows["r_null"]["error"] == local_rows["r_null"]["error"] is not None
     assert rows["r_null"]["label"] is None
@@ -174,6 +175,7 @@ def test_killed_driver_then_rerun_writes_every_id_once(cluster, tmp_path):
     assert f"{written} already done" in again.stderr
     rows = [orjson.loads(line) for p in out.glob("part-*.jsonl") for line in p.open("rb")]
     assert sorted(row["id"] for row in rows) == sorted(ids)  # every id, each once
+    assert ray.data.read_json(str(out)).count() == len(ids)
 
 
 def test_python_api_on_an_in_memory_dataset(cluster):
@@ -217,6 +219,24 @@ def test_python_api_needs_an_id_column(cluster):
     ds = ray.data.from_items([{"prompt": "hello"}])
     with pytest.raises(LlambaError, match="needs an id column"):
         map_dataset(ds, {"task": "generate"})
+
+
+def test_a_model_missing_on_the_actors_stops_the_job_with_one_line(cluster, tmp_path):
+    from llamba_cli.job.models import resolve_model_path
+    from llamba_cli.job.ray_data import map_dataset
+
+    link = tmp_path / "model.gguf"
+    os.link(resolve_model_path(None), link)  # readable where the job is checked ...
+    result = map_dataset(
+        ray.data.from_items([{"id": "x", "prompt": "Hi"}]), {"model": str(link), "task": "generate"}
+    )
+    link.unlink()  # ... and gone by the time the actors open it
+    with pytest.raises(Exception) as raised:
+        result.take_all()
+    with pytest.raises(LlambaError) as error:
+        reraise_actor_failure(raised.value)
+    assert str(error.value).startswith(f"model file not found: {link} (on ")
+    assert "\n" not in str(error.value)
 
 
 def test_an_actor_that_cannot_open_the_model_reports_one_line(tmp_path):

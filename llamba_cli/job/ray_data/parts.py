@@ -1,7 +1,7 @@
 """The output folder of a job run on Ray: one part file per block, resumable.
 
     out/generated.parquet/              the output path names a folder
-        _llamba.json                    fingerprint, format; rows and errors once finished
+        _llamba.manifest                fingerprint (JSON), format; rows and errors once finished
         part-000000.parquet             one finished block each: written to a hidden
         part-000001.parquet             temp name, fsynced, renamed
 
@@ -50,7 +50,7 @@ from llamba_cli.job.store import (
     _unified_schema,
 )
 
-MANIFEST = "_llamba.json"
+MANIFEST = "_llamba.manifest"
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _RERUN_HINT = "rerun with --overwrite or choose another output path"
 
