@@ -164,16 +164,16 @@ class EngineActor:
             writer.finished(req)
         if self._format == "jsonl":
             # The rows travel as their JSON lines; the rest is the driver's bookkeeping.
-            rows = store.rows
+            out = store.rows
             table = pa.table(
                 {
-                    "id": pa.array([row["id"] for row in rows], pa.string()),
-                    "error": pa.array([row["error"] for row in rows], pa.string()),
-                    "prompt_tokens": pa.array([row["prompt_tokens"] for row in rows], pa.int64()),
+                    "id": pa.array([row["id"] for row in out], pa.string()),
+                    "error": pa.array([row["error"] for row in out], pa.string()),
+                    "prompt_tokens": pa.array([row["prompt_tokens"] for row in out], pa.int64()),
                     "completion_tokens": pa.array(
-                        [row.get("completion_tokens", 0) for row in rows], pa.int64()
+                        [row.get("completion_tokens", 0) for row in out], pa.int64()
                     ),
-                    JSONL_COLUMN: pa.array([_json_line(row) for row in rows], pa.binary()),
+                    JSONL_COLUMN: pa.array([_json_line(row) for row in out], pa.binary()),
                 }
             )
         else:

@@ -41,8 +41,9 @@ def map_dataset(
     schema; plus `keep_columns`), one row per input row (per sample with `n`), with
     a row that cannot run kept with its `error` set.
 
-    `ds` needs an id column (`id`, or the job's `id_column`): ids are how results
-    are matched to inputs.  `actors` engines run at once, each with
+    `ds` needs an id column (`id`, or the job's `id_column`) of unique ids: ids are
+    how results are matched to inputs (as in a local run, a row whose id repeats one
+    earlier in its batch is dropped).  `actors` engines run at once, each with
     `threads_per_actor` CPUs (default: the job's `threads`, else 1) and one `Engine`
     built when the actor starts; each call streams `batch_rows` rows (default 8 per
     slot) through it.  Parallelism also follows `ds`'s blocks: an actor takes whole

@@ -322,7 +322,7 @@ class RayDataSource(InputSource):
 
 
 def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    return "://" in path  # file:// too: llamba's own reader takes plain paths only
 
 
 def _first_line(exc: BaseException) -> str:
