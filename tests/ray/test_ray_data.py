@@ -181,6 +181,48 @@ def test_killed_driver_then_rerun_writes_every_id_once(cluster, tmp_path):
     assert ray.data.read_json(str(out)).count() == len(ids)
 
 
+def engine_actor_pids() -> list[int]:
+    """Processes of this cluster's llamba actors (Ray titles them after the class)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"MapBatches(EngineActor)" in title:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor's process in /proc")
+def test_killed_actor_is_replaced_and_every_id_written_once(cluster, tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    ids = prompts_file(src)
+    out = tmp_path / "gen.parquet"
+    args = ["generate", str(src), "-o", str(out), "--slots", "2", "--max-tokens", "12"]
+    args += on_ray(cluster, actors=1, block_rows=4)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "llamba_cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LLAMBA_PROGRESS": "off"},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        actors = engine_actor_pids()
+        assert driver.poll() is None and len(actors) == 1
+        os.kill(actors[0], signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, stderr  # the two error rows; no failure
+    assert sorted(by_id(pq.read_table(out))) == sorted(ids)
+
+
 def test_a_uri_input_is_read_by_ray_data(cluster, tmp_path):
     from llamba_cli.job.ray_data.runner import RayDataSource
 
