@@ -112,7 +112,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         timeline.t0 = time.perf_counter()
         summary = run_job(spec, timeline)
     else:
-        from llamba_cli.job.ray_data.runner import RayOptions, connect, run_ray_job
+        from llamba_cli.job.ray_data.options import RayOptions
+        from llamba_cli.job.ray_data.runner import connect, run_ray_job
 
         imported = time.perf_counter() - t0
         actors = 1 if kind == "ray1" else 2

@@ -93,8 +93,7 @@ class Bench:
     """Both contenders on one loaded model; a fresh engine context per round."""
 
     def __init__(self, args: argparse.Namespace, model: Any, model_path: Path) -> None:
-        from llamba_cli.engine import EngineConfig, SamplingParams
-        from llamba_cli.engine.llama import schema_to_gbnf
+        from llamba_cli.engine import EngineConfig, SamplingParams, schema_to_gbnf
 
         self.args = args
         self.model = model

@@ -11,7 +11,8 @@ else that escapes is a bug and is reported as such.
     ├── InputError       unreadable input file, missing column               (exit 2)
     ├── OutputError      cannot write or publish the output                  (exit 2)
     │   └── ResumeError  existing output made by a different job             (exit 2)
-    └── EngineError      llama.cpp failed in a way no retry can fix          (exit 3)
+    ├── EngineError      llama.cpp failed in a way no retry can fix          (exit 3)
+    └── QueueFull        the engine's queue is full: try again later  (a server's 429)
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class EngineError(LlambaError):
     """llama.cpp failed in a way that retrying with a smaller batch cannot fix."""
 
     exit_code = 3
+
+
+class QueueFull(LlambaError):
+    """A front end's queue of waiting requests is full; the request was not accepted."""
 
 
 class RowError(Exception):

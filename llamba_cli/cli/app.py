@@ -1,11 +1,13 @@
 """The `llamba` command line.
 
-All four job commands (`generate`, `classify`, `run`, `validate`) take the same
-options; they differ only in where the job comes from.  Every `LlambaError` is
+The job commands (`generate`, `classify`, `batch`, `run`, `validate`) take the same
+options, less those that do not apply to their task (a batch file's lines carry their
+own prompts and sampling); they differ in where the job comes from.  Every `LlambaError` is
 turned into one line on stderr and its exit code here, in `main()`, and nowhere
 else.  Exit codes: 0 all rows succeeded; 1 some rows ended in error (or the run
 aborted at --max-errors); 2 usage, configuration, input, model or output error;
-3 llama.cpp failed; 130 interrupted.
+3 llama.cpp failed; 130 interrupted (SIGINT, SIGHUP); 143 terminated (SIGTERM).
+User text (ids, paths, prompts) is always printed as plain text, never as markup.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from llamba_cli import __version__
 
@@ -25,13 +28,17 @@ try:  # recent typer vendors its own copy of click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
-from llamba_cli.cli import ray_options
+from llamba_cli.cli import serve
+from llamba_cli.cli.options import OPTIONS, take_ray
 from llamba_cli.cli.progress import LogProgress, RichProgress
-from llamba_cli.errors import LlambaError
+from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.checks import dry_run, validate_job
-from llamba_cli.job.execute import JobSummary, run_job
-from llamba_cli.job.prompts import list_formats, load_format
-from llamba_cli.job.spec import build_spec, load_job_file
+from llamba_cli.job.execute import Job, JobOpener, run_job
+from llamba_cli.job.formats import list_formats, load_format
+from llamba_cli.job.interrupt import Interrupted, signals_raise
+from llamba_cli.job.ray_data.options import RayOptions
+from llamba_cli.job.spec import BATCH_REFUSED, JobSpec, build_spec, load_job_file
+from llamba_cli.job.summary import JobSummary, ProgressSink
 
 app = typer.Typer(
     name="llamba",
@@ -41,337 +48,53 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# markup=False: whatever is printed may contain user text, and "[/x]" in an id or a
+# path must print as itself, not be taken for a closing tag.
+err = Console(stderr=True, highlight=False, markup=False)
+out = Console(highlight=False, markup=False)
 
 
-def _opt(*names: str, help: str, **kw: Any) -> Any:
-    return typer.Option(*names, help=help, **kw)
+# A batch file's lines carry their prompt and sampling, and custom_id is their id.
+_NOT_BATCH = {*BATCH_REFUSED, "id_column"}
+# Nor does a batch file run on Ray: its rows and output are OpenAI's, not a job's.
+_NOT_BATCH_SECTIONS = ("sampling", "ray")
+
+_DRY_RUN = typer.Option(
+    "--dry-run", help="Render prompts and token counts; generate nothing.", rich_help_panel="Run"
+)
 
 
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-# name -> (annotation, option). One table for every command; None means "not given".
-OPTIONS: dict[str, tuple[Any, Any]] = {
-    "output": (str | None, _opt("-o", "--output", help="Output file: .parquet or .jsonl.")),
-    "model": (
-        str | None,
-        _opt(
-            "-m",
-            "--model",
-            help="GGUF model path (default: $LLAMBA_MODEL, else the embedded Gemma 3 270M).",
-            rich_help_panel="Model",
-        ),
-    ),
-    "id_column": (
-        str | None,
-        _opt(
-            "--id-column",
-            help="Column holding row ids (default: 'id' if present, else the row number).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "prompt_column": (
-        str | None,
-        _opt(
-            "--prompt-column",
-            help="Column with prompt text (default: prompt).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "messages_column": (
-        str | None,
-        _opt(
-            "--messages-column",
-            help="Column with a chat messages list (default: messages).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "template": (
-        str | None,
-        _opt(
-            "--template",
-            help="Build the prompt from columns: 'Review: {text}\\nSentiment:'.",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "system": (
-        str | None,
-        _opt(
-            "--system",
-            help="System message (a leading paragraph for plain prompts).",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "format": (
-        str | None,
-        _opt(
-            "--format",
-            help="Prompt format: auto (the model's chat template, else plain), gguf, plain, "
-            "chatml, llama3, gemma, mistral, or a .toml path.",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "keep_columns": (
-        str | None,
-        _opt(
-            "--keep-columns",
-            help="Input columns to copy into the output, comma-separated.",
-            rich_help_panel="Prompt",
-        ),
-    ),
-    "temperature": (
-        float | None,
-        _opt(
-            "--temperature", "--temp", help="0 = greedy (default 0.8).", rich_help_panel="Sampling"
-        ),
-    ),
-    "top_k": (
-        int | None,
-        _opt("--top-k", help="Default 40; 0 = off.", rich_help_panel="Sampling"),
-    ),
-    "top_p": (
-        float | None,
-        _opt("--top-p", help="Default 0.95; 1 = off.", rich_help_panel="Sampling"),
-    ),
-    "min_p": (
-        float | None,
-        _opt("--min-p", help="Default 0.05; 0 = off.", rich_help_panel="Sampling"),
-    ),
-    "repeat_penalty": (
-        float | None,
-        _opt("--repeat-penalty", help="Default 1.0 = off.", rich_help_panel="Sampling"),
-    ),
-    "presence_penalty": (
-        float | None,
-        _opt("--presence-penalty", help="Default 0.", rich_help_panel="Sampling"),
-    ),
-    "frequency_penalty": (
-        float | None,
-        _opt("--frequency-penalty", help="Default 0.", rich_help_panel="Sampling"),
-    ),
-    "max_tokens": (
-        int | None,
-        _opt(
-            "--max-tokens",
-            help="Most tokens generated per row (default 256).",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "stop": (
-        list[str] | None,
-        _opt(
-            "--stop",
-            help="Stop string (repeatable); excluded from the output.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "seed": (
-        int | None,
-        _opt(
-            "--seed",
-            help="Base seed (default 0); each row draws from its own stream.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "n": (
-        int | None,
-        _opt("--n", help="Samples per prompt (generate).", rich_help_panel="Sampling"),
-    ),
-    "json_schema": (
-        str | None,
-        _opt(
-            "--json-schema",
-            help="JSON Schema file: every row is valid JSON of that shape.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "grammar": (
-        str | None,
-        _opt(
-            "--grammar",
-            help="GBNF grammar file constraining the output.",
-            rich_help_panel="Sampling",
-        ),
-    ),
-    "labels": (
-        str | None,
-        _opt("--labels", help="Comma-separated labels (classify).", rich_help_panel="Classify"),
-    ),
-    "labels_file": (
-        str | None,
-        _opt(
-            "--labels-file",
-            help="File with one label per line (classify).",
-            rich_help_panel="Classify",
-        ),
-    ),
-    "label_delimiter": (
-        str | None,
-        _opt(
-            "--label-delimiter",
-            help="Joins prompt and label unless the prompt ends in whitespace (default: a space).",
-            rich_help_panel="Classify",
-        ),
-    ),
-    "slots": (
-        int | None,
-        _opt(
-            "--slots",
-            "-np",
-            help="Sequences decoded together (default 16).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "ctx": (
-        int | None,
-        _opt(
-            "--ctx",
-            "-c",
-            help="Most tokens per sequence, prompt + completion (default 2048).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "n_batch": (
-        int | None,
-        _opt(
-            "--n-batch",
-            "-b",
-            help="Most tokens per llama_decode (default 512).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "threads": (
-        int | None,
-        _opt("--threads", "-t", help="CPU threads (default: all cores).", rich_help_panel="Engine"),
-    ),
-    "flash_attn": (
-        str | None,
-        _opt(
-            "--flash-attn", "-fa", help="auto, on or off (default auto).", rich_help_panel="Engine"
-        ),
-    ),
-    "n_gpu_layers": (
-        int | None,
-        _opt(
-            "--n-gpu-layers",
-            "-ngl",
-            help="Layers offloaded to the GPU (default -1 = all, in a GPU build).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "prefix_cache": (
-        bool | None,
-        _opt(
-            "--prefix-cache/--no-prefix-cache",
-            help="Compute shared prompt prefixes once (default on).",
-            rich_help_panel="Engine",
-        ),
-    ),
-    "limit": (
-        int | None,
-        _opt("--limit", help="Process at most this many rows in this run.", rich_help_panel="Run"),
-    ),
-    "shard": (
-        str | None,
-        _opt(
-            "--shard", help="I/N: only rows whose id hashes to shard I of N.", rich_help_panel="Run"
-        ),
-    ),
-    "overwrite": (
-        bool,
-        _opt(
-            "--overwrite",
-            help="Replace existing output instead of resuming.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "retry_errors": (
-        bool,
-        _opt(
-            "--retry-errors",
-            help="On resume, run rows that ended in error again.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "max_errors": (
-        int | None,
-        _opt(
-            "--max-errors",
-            help="Tolerate this many error rows (exit 0); abort once exceeded.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "flush_rows": (
-        int | None,
-        _opt(
-            "--flush-rows",
-            help="Make output durable every N rows (default 256).",
-            rich_help_panel="Run",
-        ),
-    ),
-    "flush_seconds": (
-        float | None,
-        _opt(
-            "--flush-seconds",
-            help="...and at least every S seconds (default 10).",
-            rich_help_panel="Run",
-        ),
-    ),
-    "metrics_json": (
-        str | None,
-        _opt(
-            "--metrics-json",
-            help="Write a machine-readable run summary here.",
-            rich_help_panel="Run",
-        ),
-    ),
-    "dry_run": (
-        bool,
-        _opt(
-            "--dry-run",
-            help="Render prompts and token counts; generate nothing.",
-            rich_help_panel="Run",
-        ),
-    ),
-}
-OPTIONS.update(ray_options.OPTIONS)  # --ray, --address, --actors, ...
-_GENERATE_ONLY = {
-    "n",
-    "json_schema",
-    "grammar",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_tokens",
-    "stop",
-}
-_CLASSIFY_ONLY = {"labels", "labels_file", "label_delimiter"}
-
-
-def _command(name: str, first: inspect.Parameter, skip: set[str], help: str) -> None:
-    """Register a command whose signature is `first` plus the shared OPTIONS."""
+def _command(name: str, first: inspect.Parameter, task: str | None, help: str) -> None:
+    """Register a command whose signature is `first` plus the options for `task`
+    (None: every option, for commands that read a job file)."""
 
     def impl(**kwargs: Any) -> None:
         _execute(name, kwargs)
 
     params = [first]
-    for key, (annotation, option) in OPTIONS.items():
-        if key in skip:
+    for key, option in OPTIONS.items():
+        if (
+            (task == "classify" and option.generate_only)
+            or (task == "generate" and option.classify_only)
+            or (task == "batch" and (option.section in _NOT_BATCH_SECTIONS or key in _NOT_BATCH))
+            or (name == "validate" and option.section == "ray")
+        ):
             continue
-        default = False if annotation is bool else None
         params.append(
             inspect.Parameter(
                 key,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=default,
-                annotation=Annotated[annotation, option],
+                default=False if option.flag else None,
+                annotation=Annotated[option.annotation, option.info],
+            )
+        )
+    if name != "validate":
+        params.append(
+            inspect.Parameter(
+                "dry_run",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=False,
+                annotation=Annotated[bool, _DRY_RUN],
             )
         )
     impl.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -397,22 +120,39 @@ _JOB = inspect.Parameter(
 _command(
     "generate",
     _INPUT,
-    _CLASSIFY_ONLY,
+    "generate",
     "Generate a completion for every row (one output row per input row and sample).",
 )
 _command(
     "classify",
     _INPUT,
-    _GENERATE_ONLY,
+    "classify",
     "Classify every row: restrict the answer to --labels and report each label's probability.",
 )
-_command("run", _JOB, set(), "Run a job file; flags override its settings.")
+_command(
+    "batch",
+    inspect.Parameter(
+        "input",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            str,
+            typer.Argument(
+                help="OpenAI Batch file (.jsonl): one request a line.", show_default=False
+            ),
+        ],
+    ),
+    "batch",
+    "Run an OpenAI Batch file (chat, completion and classify requests); OpenAI's output lines.",
+)
+_command("run", _JOB, None, "Run a job file; flags override its settings.")
 _command(
     "validate",
     _JOB,
-    {"dry_run", *ray_options.OPTIONS},
+    None,
     "Check a job without generating: files, columns, labels, prompt token counts.",
 )
+
+serve.register(app, {key: (option.annotation, option.info) for key, option in OPTIONS.items()})
 
 
 @app.command("formats")
@@ -420,7 +160,7 @@ def formats_command() -> None:
     """List the packaged prompt formats."""
     for name in list_formats():
         fmt = load_format(name)
-        out.print(f"[bold]{name:10}[/bold] {fmt.description}")
+        out.print(Text.assemble((f"{name:10}", "bold"), " ", fmt.description))
 
 
 @app.command("version")
@@ -430,7 +170,7 @@ def version_command() -> None:
 
 
 def _execute(command: str, kwargs: dict[str, Any]) -> None:
-    cluster = ray_options.take(kwargs)
+    cluster = take_ray(kwargs)
     dry = kwargs.pop("dry_run", False)
     values: dict[str, Any] = {}
     if command in ("run", "validate"):
@@ -438,49 +178,80 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     else:
         values["task"] = command
         values["input"] = kwargs.pop("input")
-    for key in ("labels", "keep_columns"):
-        if kwargs.get(key) is not None:
-            kwargs[key] = _csv(kwargs[key])
-    if kwargs.get("stop") == []:
-        kwargs["stop"] = None
-    for key, value in kwargs.items():
-        if value is None or (OPTIONS[key][0] is bool and value is False):
-            continue
-        values[key] = tuple(value) if isinstance(value, list) else value
+    for key, given in kwargs.items():
+        value = OPTIONS[key].value(given)
+        if value is not None:
+            values[key] = value
     spec = build_spec(values)
     if command == "validate":
-        report = validate_job(spec)
+        report = validate_job(spec, opener=_opener(spec))
         for line in report.lines():
             out.print(line)
         raise typer.Exit(report.exit_code)
     if dry:
         table = Table("id", "tokens", "prompt", show_lines=True)
-        for row_id, n_tokens, prompt in dry_run(spec):
-            table.add_row(row_id, str(n_tokens), prompt)
+        for row_id, n_tokens, prompt in dry_run(spec, opener=_opener(spec)):
+            table.add_row(Text(row_id), str(n_tokens), Text(prompt))
         out.print(table)
         return
-    summary = _run_with_progress(spec, ray_options.runner(cluster))
+    summary = _run_with_progress(spec, cluster)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
 
-def _run_with_progress(spec: Any, run: ray_options.Runner = run_job) -> JobSummary:
+def _opener(spec: JobSpec) -> JobOpener:
+    """The job class for the spec's task: a batch file's lines are OpenAI requests,
+    run through the OpenAI protocol layer (loaded only then)."""
+    if spec.task == "batch":
+        from llamba_cli.openai.batch import BatchJob
+
+        return BatchJob
+    return Job
+
+
+def _run_with_progress(spec: Any, cluster: RayOptions | None = None) -> JobSummary:
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
     if err.is_terminal and not quiet:
         bar = RichProgress(err)
         try:
-            return run(spec, bar)
+            return _run(spec, bar, cluster)
         finally:
             bar.stop()
-    interval = float(os.environ.get("LLAMBA_PROGRESS_INTERVAL", "10"))
-    return run(spec, LogProgress(interval=interval if not quiet else float("inf")))
+    interval = _progress_interval()
+    progress = LogProgress(interval=interval if not quiet else float("inf"))
+    return _run(spec, progress, cluster)
+
+
+def _run(spec: JobSpec, progress: ProgressSink, cluster: RayOptions | None) -> JobSummary:
+    """Run locally, or on Ray with `cluster` (Ray itself is imported only then)."""
+    if cluster is None:
+        return run_job(spec, progress, opener=_opener(spec))
+    from llamba_cli.job.ray_data.runner import run_ray_job
+
+    return run_ray_job(spec, cluster, progress)
+
+
+def _progress_interval() -> float:
+    raw = os.environ.get("LLAMBA_PROGRESS_INTERVAL", "10")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"LLAMBA_PROGRESS_INTERVAL must be a number of seconds > 0, got {raw!r}")
+    return seconds
 
 
 def _print_summary(s: JobSummary) -> None:
+    speed = (
+        f"{s.rows_per_second:.2f} rows/s"
+        if s.task == "classify"
+        else f"{s.generated_tokens} tokens generated at {s.tokens_per_second:.1f} tok/s"
+    )
     parts = [
         f"{s.rows_written} rows written to {s.output}",
         f"{s.errors} errors",
-        f"{s.generated_tokens} tokens generated at {s.tokens_per_second:.1f} tok/s",
+        speed,
         f"prompt tokens {s.prompt_tokens} (evaluated {s.prompt_tokens_evaluated}, "
         f"reused {s.prompt_tokens_reused})",
         f"{s.wall_seconds:.1f}s",
@@ -494,19 +265,24 @@ def _print_summary(s: JobSummary) -> None:
             f"(e.g. {', '.join(repr(i) for i in s.duplicate_examples)})"
         )
     if s.aborted:
-        err.print(f"llamba: aborted: {s.aborted}; rerun the same command to resume")
+        err.print(f"llamba: aborted: {s.aborted}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns every known failure into one line."""
     try:
         # Without standalone mode, click returns an Exit's code instead of exiting.
-        code = app(args=argv, standalone_mode=False)
+        with signals_raise():
+            code = app(args=argv, standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
+    except Interrupted as e:
+        kept = e.kept or "what was written is kept: rerun the same command to resume"
+        print(f"llamba: interrupted by {e.name}; {kept}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        _fail("interrupted", 130)
+        _fail("interrupted; what was written is kept: rerun the same command to resume", 130)
     except click_exc.UsageError as e:
         hint = f" (see: {e.ctx.command_path} --help)" if e.ctx else ""
         _fail(f"{e.format_message()}{hint}", 2)

@@ -57,7 +57,7 @@ class RichProgress:
             )
 
     def note(self, text: str) -> None:
-        self.console.print(f"[dim]{text}[/dim]")
+        self.console.print(text, style="dim", markup=False, highlight=False)
 
     def stop(self) -> None:
         self._progress.stop()

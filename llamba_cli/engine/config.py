@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from llamba_cli.errors import ConfigError
 
 FLASH_ATTN_MODES = ("auto", "on", "off")
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
 
 
 def default_threads() -> int:
@@ -48,9 +49,22 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.slots <= 240, f"slots must be between 1 and 240, got {self.slots}")
         _check(self.n_ctx_seq >= 16, f"ctx must be at least 16 tokens, got {self.n_ctx_seq}")
+        # llama.cpp reserves an output row per sequence and aborts the process
+        # (GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)) unless
+        # n_seq_max <= min(n_batch, n_ctx); sequences are the slots plus the prefix ones.
+        n_seq = self.slots + self.prefix_slots
         _check(
-            self.n_batch >= self.slots, f"n_batch ({self.n_batch}) must be >= slots ({self.slots})"
+            self.n_batch >= n_seq,
+            f"n-batch ({self.n_batch}) must be at least {n_seq}: llama.cpp needs an output "
+            f"row per sequence ({self.slots} slot{'s' if self.slots != 1 else ''}"
+            + (f" + {self.prefix_slots} for the prefix cache" if self.prefix_slots else "")
+            + "); raise --n-batch or lower --slots",
         )
+        _check(self.n_ctx >= n_seq, f"the KV cache ({self.n_ctx} cells) is too small")
+        # llama.cpp takes these as 32-bit integers; larger values would wrap silently.
+        _check(self.n_ctx < 1 << 31, f"slots x ctx must be below 2**31 tokens, got {self.n_ctx}")
+        _check(self.n_batch <= 1 << 20, f"n-batch must be at most {1 << 20}, got {self.n_batch}")
+        _check(self.n_threads <= 1024, f"threads must be at most 1024, got {self.n_threads}")
         _check(self.n_threads >= 1, f"threads must be >= 1, got {self.n_threads}")
         _check(
             self.flash_attn in FLASH_ATTN_MODES,
@@ -58,6 +72,7 @@ class EngineConfig:
         )
         _check(self.prefix_min_tokens >= 1, "prefix_min_tokens must be >= 1")
         _check(self.prefix_cache_tokens >= 0, "prefix_cache_tokens must be >= 0")
+        _check(self.lookahead >= 1, f"lookahead must be >= 1, got {self.lookahead}")
 
     @property
     def n_ctx(self) -> int:
@@ -80,7 +95,10 @@ class SamplingParams:
     temperature 0 is greedy.  Penalties look at the last `repeat_last_n` generated
     tokens.  `logit_bias` maps token id -> additive bias (OpenAI semantics; -inf bans).
     `seed` fixes this request's own random stream, so its draws do not depend on
-    which other requests share a batch.
+    which other requests share a batch.  `logprobs`: None for none; 0 for each
+    generated token's log-probability; 1..20 for that many top alternatives as well
+    (log-softmax of the logits after logit bias: the model's distribution, before
+    penalties, grammar and the top-k/top-p/min-p/temperature chain).
     """
 
     temperature: float = 0.8
@@ -96,13 +114,20 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(
+            0 <= self.temperature < math.inf,
+            f"temperature must be a finite number >= 0, got {self.temperature}",
+        )
         _check(self.top_k >= 0, f"top-k must be >= 0 (0 = off), got {self.top_k}")
         _check(0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}")
         _check(0 <= self.min_p < 1, f"min-p must be in [0, 1), got {self.min_p}")
-        _check(self.repeat_penalty > 0, f"repeat-penalty must be > 0, got {self.repeat_penalty}")
+        _check(
+            0 < self.repeat_penalty < math.inf,
+            f"repeat-penalty must be a finite number > 0, got {self.repeat_penalty}",
+        )
         _check(
             -2 <= self.presence_penalty <= 2,
             f"presence-penalty must be in [-2, 2], got {self.presence_penalty}",
@@ -117,6 +142,11 @@ class SamplingParams:
         for tok, bias in self.logit_bias:
             _check(tok >= 0, f"logit bias token ids must be >= 0, got {tok}")
             _check(not math.isnan(bias), "logit bias must be a number")
+        if self.logprobs is not None:
+            _check(
+                0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}",
+            )
 
     @property
     def greedy(self) -> bool:

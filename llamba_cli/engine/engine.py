@@ -6,48 +6,39 @@
 
 Every `step()` is one `llama_decode` carrying the next token of each running
 sequence plus chunks of newly admitted prompts (never more than `n_batch`
-tokens); a finished request frees its slot and KV at once and the next waiting
-request takes it in the same step.  The engine does no file I/O and prints nothing.
+tokens); it returns a `RequestOutput` for every request that produced something or
+finished.  A finished request frees its slot and KV at once and the next waiting
+request takes it in the next step.  The scheduler plans and applies each step's
+results (the finishing rules live there), the runner owns the KV memory and the
+decode; the engine tokenizes and ties them together.  It does no file I/O and
+prints nothing, and it is not thread-safe: `EngineLoop` (`front.py`) runs it on a
+thread of its own for callers on any thread.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
 from llamba_cli.engine.config import EngineConfig
+from llamba_cli.engine.grammar import Grammar
 from llamba_cli.engine.labels import LabelScorer
-from llamba_cli.engine.llama import Context, Grammar, Model
+from llamba_cli.engine.llama import Context, Model
 from llamba_cli.engine.prefix_cache import PrefixCache
-from llamba_cli.engine.request import Request, Status
-from llamba_cli.engine.runner import Runner, StepOutput
-from llamba_cli.engine.sampler import sample
-from llamba_cli.engine.scheduler import Chunk, Plan, Scheduler
+from llamba_cli.engine.request import Request, RequestOutput
+from llamba_cli.engine.runner import Runner
+from llamba_cli.engine.scheduler import EngineStats, Scheduler
 from llamba_cli.engine.text import TextStream
 from llamba_cli.errors import ConfigError, RowError
+
+__all__ = ["Engine", "EngineStats"]
 
 # Compiled grammars kept for cloning, by text; a job uses one, a library caller a few.
 _GRAMMAR_CACHE = 8
 
-
-@dataclass
-class EngineStats:
-    """Counters since the engine was built."""
-
-    requests: int = 0
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
-    prompt_tokens_evaluated: int = (
-        0  # prompt tokens llama.cpp actually computed (prefixes included)
-    )
-    prompt_tokens_reused: int = 0  # prompt tokens taken from the prefix cache
-    label_tokens_evaluated: int = 0  # label-branch tokens computed for classification
-    generated_tokens: int = 0
-    steps: int = 0
-    decode_seconds: float = 0.0
-    kv_retries: int = 0
+_END = object()
 
 
 class Engine:
@@ -72,15 +63,17 @@ class Engine:
                 budget=config.prefix_cache_tokens,
                 min_tokens=config.prefix_min_tokens,
             )
+        self.stats = EngineStats()
         self.scheduler = Scheduler(
             slots=config.slots,
             n_batch=config.n_batch,
+            n_ctx_seq=config.n_ctx_seq,
+            vocab=self.model,
             prefix_cache=cache,
             lookahead=config.lookahead,
+            stats=self.stats,
         )
-        self.runner = Runner(self.ctx)
-        self.stats = EngineStats()
-        self._done: list[Request] = []
+        self.runner = Runner(self.ctx, self.stats)
         self._grammars: dict[str, Grammar] = {}
 
     def close(self) -> None:
@@ -118,6 +111,7 @@ class Engine:
         req.num_prompt = len(ptoks)
         req.stream = TextStream(req.params.stop)
         req.rng = np.random.default_rng(req.params.seed)
+        req.logprobs = [] if req.params.logprobs is not None else None
         if req.grammar_text is not None:
             if req.labels is not None:
                 raise RowError("a grammar applies to generation, not to classification")
@@ -164,169 +158,63 @@ class Engine:
     def submit(self, req: Request) -> None:
         """Queue a request. One that cannot run finishes at once with an error, and one
         that arrives already finished (the caller's own error row) passes through; both
-        are returned by the next `step()`, so callers see every request come back."""
+        come back from the next `step()`, so callers see every request come back."""
+        if not req.finished:
+            self.stats.requests += 1
+            try:
+                self.prepare(req)
+            except RowError as e:
+                req.finish("error", str(e))
         if req.finished:
-            self._done.append(req)
-            return
-        self.stats.requests += 1
-        try:
-            self.prepare(req)
-        except RowError as e:
-            req.finish("error", str(e))
-            self._done.append(req)
-            return
-        self.scheduler.add(req)
+            self.scheduler.done(req)
+        else:
+            self.scheduler.add(req)
+
+    def abort(self, req: Request) -> bool:
+        """End `req` (queued or running) with finish_reason "abort": its slot and KV are
+        free at the next step, which returns it finished; no other request is
+        disturbed.  False when it is not queued or running (e.g. already finished)."""
+        return self.scheduler.abort(req)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._done) or self.scheduler.has_work
+        return self.scheduler.has_work
 
     def run(self, requests: Iterable[Request]) -> Iterator[Request]:
-        """Submit `requests` lazily (keeping `lookahead` queued, so memory does not grow
-        with the input) and yield each one as it finishes, in completion order."""
+        """Submit `requests` lazily and yield each one as it finishes, in completion
+        order.  At most `lookahead` requests are queued or finished-but-not-yielded at
+        a time, so memory does not grow with the input (a run of error rows included)."""
         it = iter(requests)
         exhausted = False
         while True:
-            while not exhausted and len(self.scheduler.waiting) < self.config.lookahead:
-                nxt = next(it, None)
-                if nxt is None:
+            sched = self.scheduler
+            while not exhausted and len(sched.waiting) + sched.num_outputs < self.config.lookahead:
+                nxt = next(it, _END)
+                if nxt is _END:
                     exhausted = True
-                else:
+                elif isinstance(nxt, Request):
                     self.submit(nxt)
+                else:
+                    raise TypeError(f"Engine.run takes Request objects, got {type(nxt).__name__}")
             if not self.has_work:
                 if exhausted:
                     return
                 continue
-            yield from self.step()
+            for out in self.step():
+                if out.finished:
+                    yield out.request
 
-    # -- stepping -----------------------------------------------------------------
-
-    def step(self) -> list[Request]:
-        """One decode. Returns the requests that finished."""
-        while self.scheduler.has_work:
-            plan = self.scheduler.schedule()
-            self.runner.apply_kv_ops(plan)
-            if not plan.chunks:
-                break
-            t0 = time.perf_counter()
-            out = self.runner.run(plan.chunks)
-            self.stats.decode_seconds += time.perf_counter() - t0
-            if out is not None:
-                self.stats.steps += 1
-                self._postprocess(plan, out)
-                break
-            self._relieve_kv_pressure()
-        done, self._done = self._done, []
-        return done
-
-    def _relieve_kv_pressure(self) -> None:
-        """No KV room for the batch: drop cached prefixes, then preempt the newest
-        request (recomputed later). A lone request that cannot fit ends in error."""
-        self.stats.kv_retries += 1
-        cache = self.scheduler.prefix_cache
-        if cache is not None and cache.entries:
-            for seq in cache.evict_all():
-                self.ctx.seq_rm(seq)
-            return
-        victim = self.scheduler.preempt()
-        if victim is not None:
-            self.ctx.seq_rm(victim.seq_id)
-            return
-        for req in list(self.scheduler.running):
-            self._finish(
-                req, "error", "sequence does not fit in the KV cache (lower --slots or raise --ctx)"
-            )
-
-    def _postprocess(self, plan: Plan, out: StepOutput) -> None:
-        gen_reqs: list[Request] = []
-        gen_rows: list[int] = []
-        for chunk, rows in zip(plan.chunks, out.rows, strict=True):
-            owner = chunk.owner
-            owner.num_computed = chunk.end
-            if not isinstance(owner, Request):  # a shared prefix being evaluated
-                self.stats.prompt_tokens_evaluated += chunk.end - chunk.start
-                continue
-            self._count(owner, chunk)
-            if owner.scorer is not None:
-                self._score(owner, chunk, rows, out.logits)
-            elif chunk.end == len(owner.tokens):
-                gen_reqs.append(owner)
-                gen_rows.append(rows[-1][1])
-        for req, tok in zip(gen_reqs, sample(out.logits, gen_rows, gen_reqs), strict=True):
-            self._accept(req, tok)
-
-    def _count(self, req: Request, chunk: Chunk) -> None:
-        s = self.stats
-        if chunk.start < req.num_prompt:
-            s.prompt_tokens_evaluated += min(chunk.end, req.num_prompt) - chunk.start
-            if chunk.start == req.cached_tokens:  # first chunk of this admission
-                s.prompt_tokens += req.num_prompt
-                s.prompt_tokens_reused += req.cached_tokens
-        if req.scorer is not None and chunk.end > req.num_prompt:
-            s.label_tokens_evaluated += chunk.end - max(chunk.start, req.num_prompt)
-
-    def _score(
-        self, req: Request, chunk: Chunk, rows: list[tuple[int, int]], logits: np.ndarray
-    ) -> None:
-        assert req.scorer is not None
-        ctx_len = req.num_prompt
-        for pos, row in rows:
-            req.scorer.observe(tuple(req.tokens[ctx_len : pos + 1]), logits[row])
-        if chunk.end < len(req.tokens):
-            return
-        nxt = req.scorer.next_path()
-        if nxt is None:
-            req.label_logprobs = req.scorer.logprobs()
-            self._finish(req, "stop")
-            return
-        keep, branch = nxt
-        cut = ctx_len + keep
-        if cut < req.num_computed:
-            self.ctx.seq_rm(req.seq_id, cut, -1)
-        req.tokens = req.tokens[:cut] + branch
-        req.num_computed = cut
-        req.score_from = cut
-
-    def _accept(self, req: Request, tok: int) -> None:
-        p = req.params
-        if tok < 0:  # the sampler found no token the request's grammar allows
-            self._finish(req, "error", "the grammar allows no next token")
-            return
-        if self.model.eog_mask[tok] and not p.ignore_eos:
-            self._finish(req, "stop")
-            return
-        if req.grammar is not None and not self.model.eog_mask[tok]:
-            req.grammar.accept(tok)
-        req.tokens.append(tok)
-        req.completion_tokens += 1
-        self.stats.generated_tokens += 1
-        assert req.stream is not None
-        if req.stream.feed(self.model.piece(tok)):
-            self._finish(req, "stop")
-        elif req.completion_tokens >= p.max_tokens or len(req.tokens) >= self.config.n_ctx_seq:
-            self._finish(req, "length")
-
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        if req.grammar is not None:
-            # End-of-generation is sampled only where the grammar is complete; a stop
-            # string, max_tokens or the context can cut the output anywhere.
-            if error is None and reason != "error" and not req.grammar.complete():
-                error = _incomplete(req, reason)
-            req.grammar.close()
-            req.grammar = None
-        if req.status is Status.RUNNING:
-            self.ctx.seq_rm(req.seq_id)
-            self.scheduler.release(req)
-        req.finish(reason, error)
-        self._done.append(req)
-
-
-def _incomplete(req: Request, reason: str) -> str:
-    """Why a constrained request ended (`reason` "stop" or "length") before its output
-    completed the grammar.  End-of-generation is allowed only on completion, so an
-    incomplete "stop" was a stop string."""
-    if reason == "stop":
-        return "a stop string ended the output before it completed the grammar"
-    if req.completion_tokens >= req.params.max_tokens:
-        return "output did not complete the grammar within max-tokens"
-    return "output did not complete the grammar before the sequence filled its context"
+    def step(self) -> list[RequestOutput]:
+        """One decode (or none when no request runs). Returns an output for every
+        request that produced tokens or finished, including requests that finished
+        outside a decode (errors at submit, aborts, deadlines)."""
+        sched = self.scheduler
+        sched.expire(time.monotonic())
+        plan = sched.schedule()
+        out = self.runner.run(plan)
+        if out is None:
+            sched.relieve()  # no KV room: the next step plans again
+        elif plan.chunks:
+            self.stats.steps += 1
+            sched.postprocess(plan, out)
+        return sched.take_outputs()

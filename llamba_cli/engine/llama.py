@@ -1,9 +1,14 @@
 """The only module that touches llama.cpp (through llama-cpp-python's C bindings).
 
 Thin, typed wrappers: `Model` (weights + vocabulary), `Context` (KV memory,
-`llama_decode`, logits) and `Batch` (a `llama_batch` whose arrays are numpy views,
-so filling a step costs vectorized writes instead of per-field ctypes calls).
-Everything above this module speaks Python ints and numpy arrays.
+`llama_decode`, logits), `Batch` (a `llama_batch` whose arrays are numpy views,
+so filling a step costs vectorized writes instead of per-field ctypes calls) and
+`GrammarSampler` (llama.cpp's grammar sampler).  Everything above this module speaks
+Python ints and numpy arrays.
+
+Two functions here read files before llama.cpp does: `check_gguf` (a model file's
+first four bytes, for a one-line error instead of llama.cpp's log) and
+`repack_supported` (the CPU's flags).  The rest of the engine does no file I/O.
 """
 
 from __future__ import annotations
@@ -11,15 +16,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
 
-from llamba_cli.errors import ConfigError, EngineError, ModelError
+# llama-cpp-python's JSON Schema -> GBNF converter (pure Python), for `grammar.py`.
+from llama_cpp.llama_grammar import PRIMITIVE_RULES as PRIMITIVE_RULES
+from llama_cpp.llama_grammar import RESERVED_NAMES as RESERVED_NAMES
+from llama_cpp.llama_grammar import BuiltinRule as BuiltinRule
+from llama_cpp.llama_grammar import SchemaConverter as SchemaConverter
+
+from llamba_cli.errors import EngineError, ModelError
 
 # llama.cpp logs to stderr by default; a batch tool prints only its own lines.
 # The last lines are kept so a failed load can say why.
@@ -51,6 +61,8 @@ def check_gguf(path: str | Path) -> Path:
         raise ModelError(f"model file not found: {p}")
     if p.is_dir():
         raise ModelError(f"model path is a directory, not a GGUF file: {p}")
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise ModelError(f"model path is not a regular file: {p}")
     try:
         with p.open("rb") as f:
             magic = f.read(4)
@@ -79,9 +91,9 @@ class Model:
     """Loaded weights and vocabulary. Thread-compatible, not thread-safe."""
 
     def __init__(
-        self, path: str | Path, *, n_gpu_layers: int = -1, repack: bool | None = None
+        self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1, repack: bool | None = None
     ) -> None:
-        p = check_gguf(path)
+        p = check_gguf(os.fspath(path))
         _init_backend()
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -295,249 +307,75 @@ class Context:
         """Share `src`'s cells in [p0, p1) with `dst` (unified KV: tags only, no copy)."""
         lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
-
-# -- constrained decoding -----------------------------------------------------------
-
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-assert _TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
-
-# A JSON string character as JSON allows it.  llama-cpp-python's converter uses
-# `[^"\\]`, which lets raw control characters (a newline, a tab) into strings: the
-# grammar would accept output that no JSON parser does.
-_JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ' + " ".join(["[0-9a-fA-F]"] * 4) + ")"
+    def seq_pos_max(self, seq_id: int) -> int:
+        """The highest position `seq_id` holds, -1 when it holds no cells."""
+        return int(lc.llama_memory_seq_pos_max(self._mem, seq_id))
 
 
-def schema_to_gbnf(schema_text: str) -> str:
-    """GBNF (start symbol `root`) for a JSON Schema given as JSON text.
+# -- grammar sampling: the FFI only (the logic is in `grammar.py`) ----------------------
 
-    Raises ConfigError (one line) when the text is not JSON, the schema uses something
-    the grammar would not enforce (see `engine.schema`), or the converter fails.
-    """
-    from llama_cpp.llama_grammar import (
-        PRIMITIVE_RULES,
-        RESERVED_NAMES,
-        BuiltinRule,
-        SchemaConverter,
-    )
-
-    from llamba_cli.engine.schema import (
-        INTEGER_BOUNDS,
-        integer_bounds,
-        integer_range_rule,
-        parse_schema,
-    )
-
-    class Converter(SchemaConverter):
-        """The converter, plus integer bounds and JSON-exact string characters."""
-
-        def visit(self, schema: Any, name: str) -> str:
-            if (
-                isinstance(schema, dict)
-                and schema.get("type") == "integer"
-                and not {"$ref", "oneOf", "anyOf", "const", "enum"} & schema.keys()
-                and any(k in schema for k in INTEGER_BOUNDS)
-            ):
-                rule = integer_range_rule(*integer_bounds(schema))
-                rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
-                return str(self._add_rule(rule_name, rule + " space"))
-            return str(super().visit(schema, name))
-
-        def _add_primitive(self, name: str, rule: Any) -> str:
-            if rule is PRIMITIVE_RULES["char"]:
-                rule = BuiltinRule(_JSON_CHAR, [])
-            return str(super()._add_primitive(name, rule))
-
-    schema = parse_schema(schema_text)
-    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    try:
-        schema = converter.resolve_refs(schema, "schema")
-        converter.visit(schema, "")
-    except ConfigError:
-        raise
-    except Exception as e:  # the converter reports with asserts and bare exceptions
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot convert the schema to a grammar: {detail}") from None
-    return str(converter.format_grammar())
+# A `llama_token_data` array as numpy sees it.
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
 
 
-@contextlib.contextmanager
-def _capture_stderr() -> Any:
-    """Collect what C code writes to file descriptor 2 (llama.cpp's grammar parser
-    prints its errors there with fprintf, not through the log callback)."""
-    import sys
-    import tempfile
+def vocab_pieces(model: Model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over `model`'s vocabulary (about a second at 262,144 tokens): per token,
+    the first byte of its piece as llama.cpp's grammar matches it (special tokens as
+    their text; 256 for an empty piece), whether the piece is that one byte alone, and
+    whether it is a control token."""
+    n = model.n_vocab
+    vocab = model._vocab
+    first = np.full(n, 256, dtype=np.int16)
+    single = np.zeros(n, dtype=bool)
+    control = np.zeros(n, dtype=bool)
+    buf = ctypes.create_string_buffer(64)
+    to_piece, get_attr = lc.llama_token_to_piece, lc.llama_vocab_get_attr
+    is_control = lc.LLAMA_TOKEN_ATTR_CONTROL
+    for t in range(n):
+        control[t] = bool(get_attr(vocab, t) & is_control)
+        size = to_piece(vocab, t, buf, 64, 0, True)  # special=True: as the grammar sees it
+        if size < 0:
+            big = ctypes.create_string_buffer(-size)
+            to_piece(vocab, t, big, -size, 0, True)
+            first[t] = big.raw[0]
+        elif size > 0:
+            first[t] = buf.raw[0]
+            single[t] = size == 1
+    return first, single, control
 
-    with tempfile.TemporaryFile() as tmp:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()  # Python's own pending output goes where it was meant to
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        lines: list[str] = []
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            printed = tmp.read()
-            lines.extend(printed.decode("utf-8", "replace").splitlines())
-            if os.environ.get("LLAMBA_LLAMA_LOG"):  # llama.cpp's own output was asked for
-                os.write(2, printed)
 
+class GrammarSampler:
+    """A llama.cpp grammar sampler: one sequence's parse state under a GBNF grammar.
 
-class _GrammarVocab:
-    """Facts about a model's vocabulary that grammar sampling needs; built once per model
-    (one pass over the vocabulary, about a second at 262,144 tokens).
-
-    - `banned`: control tokens other than end-of-generation.  llama.cpp's grammar sees
-      their markup ("<unused0>") while llamba's text renders them as nothing, so they
-      are never allowed: the grammar and the text must see the same bytes.
-    - Tokens grouped by the first byte of their piece (`order`, `bounds`), and for each
-      byte a probe token whose piece is that byte alone.  A token is allowed only if
-      its first byte is, and one `llama_sampler_apply` over the 256 probes tells which
-      bytes are: so the tokens that can follow are found without asking the grammar
-      about the whole vocabulary.  End-of-generation tokens, and tokens whose first
-      byte has no probe, are always candidates.
+    `GrammarSampler.compile` returns None when llama.cpp cannot parse the grammar (it
+    prints why on stderr; see `capture.py`).  `apply` sets the logit of every token in
+    a `TOKEN_DATA` array that the grammar rejects to -inf.  `accept` must only get a
+    token the grammar allows: llama.cpp aborts the process on anything else.
     """
 
-    _by_model: ClassVar[weakref.WeakKeyDictionary[Model, _GrammarVocab]] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    @classmethod
-    def of(cls, model: Model) -> _GrammarVocab:
-        tables = cls._by_model.get(model)
-        if tables is None:
-            tables = cls._by_model[model] = cls(model)
-        return tables
-
-    def __init__(self, model: Model) -> None:
-        n = model.n_vocab
-        vocab = model._vocab
-        first = np.full(n, 256, dtype=np.int16)  # 256: empty piece
-        control = np.zeros(n, dtype=bool)
-        probes = np.full(256, -1, dtype=np.int32)
-        buf = ctypes.create_string_buffer(64)
-        to_piece, get_attr = lc.llama_token_to_piece, lc.llama_vocab_get_attr
-        is_control = lc.LLAMA_TOKEN_ATTR_CONTROL
-        for t in range(n):
-            control[t] = bool(get_attr(vocab, t) & is_control)
-            # special=True: the piece exactly as llama.cpp's grammar matches it.
-            size = to_piece(vocab, t, buf, 64, 0, True)
-            if size < 0:
-                big = ctypes.create_string_buffer(-size)
-                to_piece(vocab, t, big, -size, 0, True)
-                first[t] = big.raw[0]
-            elif size > 0:
-                first[t] = buf.raw[0]
-                if size == 1 and probes[first[t]] < 0 and not control[t]:
-                    probes[first[t]] = t
-        self.banned = control & ~model.eog_mask
-        self.eog = np.flatnonzero(model.eog_mask).astype(np.int32)
-        key = first.astype(np.int32)
-        key[(key < 256) & (probes[np.minimum(key, 255)] < 0)] = 256
-        key[model.eog_mask] = 256  # always a candidate
-        key[self.banned | ((first == 256) & ~model.eog_mask)] = 257  # never
-        self.order = np.argsort(key, kind="stable").astype(np.int32)
-        self.bounds = np.searchsorted(key[self.order], np.arange(259)).astype(np.int64)
-        self.probe_bytes = np.flatnonzero(probes >= 0)
-        self.probes = probes[self.probe_bytes]
-        self.always = self.order[self.bounds[256] : self.bounds[257]]
-
-
-class _GrammarShared:
-    """What every state of one compiled grammar shares: the vocabulary tables and a
-    scratch `llama_token_data` buffer (one sequence is sampled at a time)."""
-
-    def __init__(self, model: Model) -> None:
-        self.vocab = _GrammarVocab.of(model)
-        self.buffer = np.zeros(0, dtype=_TOKEN_DATA)
-        self.array: Any = lc.llama_token_data_array()  # bindings type `data` as an array
-
-    def view(self, n: int) -> np.ndarray:
-        if len(self.buffer) < n:
-            self.buffer = np.zeros(max(n, 2 * len(self.buffer)), dtype=_TOKEN_DATA)
-        return self.buffer[:n]
-
-
-class Grammar:
-    """The parse state of one sequence under a GBNF grammar (a llama.cpp grammar sampler).
-
-    `Grammar(model, gbnf)` compiles the text (start symbol `root`) and raises
-    ConfigError with llama.cpp's reason when it cannot.  Each sequence needs its own
-    state: compile once, then `clone()` a fresh one per request (cheap, no parsing).
-    `allowed(ids)` says which of the token ids may come next; end-of-generation tokens
-    are allowed only where the grammar is complete.  `accept(token)` advances the
-    state and must only get a non-end-of-generation token that `allowed` approved:
-    llama.cpp aborts the process on anything else.  `close()` frees the state (also
-    done on garbage collection).  Not thread-safe; clones share a scratch buffer.
-    """
-
-    def __init__(self, model: Model, gbnf: str) -> None:
-        if not gbnf.strip():
-            raise ConfigError("the grammar is empty")
-        _LOG_TAIL.clear()
-        with _capture_stderr() as printed:
-            ptr = lc.llama_sampler_init_grammar(model._vocab, gbnf.encode(), b"root")
-        if not ptr:
-            said = [ln.strip() for ln in printed + list(_LOG_TAIL) if ln.strip()]
-            reason = next((ln for ln in said if "error parsing grammar" in ln), "")
-            reason = reason.split("error parsing grammar:", 1)[-1].strip()
-            reason = reason or next((ln for ln in reversed(said) if "grammar" in ln), "")
-            raise ConfigError("invalid grammar" + (f": {reason}" if reason else ""))
-        self._ptr: Any = ptr
-        self._shared = _GrammarShared(model)
-
-    @classmethod
-    def _wrap(cls, ptr: Any, shared: _GrammarShared) -> Grammar:
-        self = cls.__new__(cls)
+    def __init__(self, ptr: Any) -> None:
         self._ptr = ptr
-        self._shared = shared
-        return self
+        self._array: Any = lc.llama_token_data_array()  # the bindings type `data` as an array
 
-    def clone(self) -> Grammar:
-        """An independent copy of this state (of a freshly compiled grammar: a new one)."""
+    @classmethod
+    def compile(cls, model: Model, gbnf: str) -> GrammarSampler | None:
+        ptr = lc.llama_sampler_init_grammar(model._vocab, gbnf.encode(), b"root")
+        return cls(ptr) if ptr else None
+
+    def clone(self) -> GrammarSampler:
         ptr = lc.llama_sampler_clone(self._ptr)
         if not ptr:  # pragma: no cover - only on allocation failure
             raise EngineError("llama.cpp could not copy a grammar")
-        return Grammar._wrap(ptr, self._shared)
+        return GrammarSampler(ptr)
 
-    def allowed(self, token_ids: np.ndarray) -> np.ndarray:
-        """A bool mask over `token_ids` (int32): which tokens the grammar allows next."""
-        n = len(token_ids)
-        if n == 0:
-            return np.zeros(0, dtype=bool)
-        data = self._shared.view(n)
-        data["id"] = token_ids
-        data["logit"] = 0.0
-        data["p"] = 0.0
-        arr = self._shared.array
+    def apply(self, data: np.ndarray) -> None:
+        arr = self._array
         arr.data = data.ctypes.data_as(lc.llama_token_data_p)
-        arr.size = n
+        arr.size = len(data)
         arr.selected = -1
         arr.sorted = False
-        # The grammar sampler sets the logit of every token it rejects to -inf.
         lc.llama_sampler_apply(self._ptr, ctypes.byref(arr))
-        return (data["logit"] != -np.inf) & ~self._shared.vocab.banned[token_ids]
-
-    def allows(self, token: int) -> bool:
-        return bool(self.allowed(np.array([token], dtype=np.int32))[0])
-
-    def candidates(self, limit: int | None = None) -> np.ndarray | None:
-        """Token ids that may be allowed next: every allowed token is among them (those
-        whose first byte the grammar allows, and end-of-generation).  None when there
-        are more than `limit`, e.g. inside a JSON string, where almost any token fits."""
-        v = self._shared.vocab
-        ok_bytes = v.probe_bytes[self.allowed(v.probes)]
-        lo, hi = v.bounds[ok_bytes], v.bounds[ok_bytes + 1]
-        if limit is not None and int((hi - lo).sum()) + len(v.always) > limit:
-            return None
-        return np.concatenate([v.order[a:b] for a, b in zip(lo, hi, strict=True)] + [v.always])
-
-    def complete(self) -> bool:
-        """Whether the text so far is a whole sentence of the grammar (may end here)."""
-        eog = self._shared.vocab.eog[:1]
-        return bool(len(eog)) and bool(self.allowed(eog)[0])
 
     def accept(self, token: int) -> None:
         lc.llama_sampler_accept(self._ptr, token)
@@ -550,3 +388,12 @@ class Grammar:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def recent_log() -> list[str]:
+    """llama.cpp's last log lines (kept instead of printed), oldest first."""
+    return list(_LOG_TAIL)
+
+
+def clear_log() -> None:
+    _LOG_TAIL.clear()

@@ -12,7 +12,9 @@ This is the safe form of "token grouping": only identical prefixes at identical
 positions are shared, so every sequence's KV is exactly what evaluating its own
 tokens would give (up to llama.cpp's batch-shape noise).  Entries are evicted,
 least recently used first, when their sequence ids or token budget run out, or
-when the KV cache is full.
+when the KV cache is full; after that the cache makes no new entries until the
+scheduler resumes it (a request finished and freed its KV), so a plan that did not
+fit is not rebuilt with the same entry.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class PrefixCache:
         self.entries: list[PrefixEntry] = []
         self._clock = 0
         self._pinned: set[int] = set()  # seq ids of entries shared during this step
+        self.suspended = False  # no new entries (KV pressure) until resumed
 
     def begin_step(self) -> None:
         """Entries shared in the previous step may be evicted again."""
@@ -106,6 +109,8 @@ class PrefixCache:
             if best.ready:
                 self._pinned.add(best.entry.seq_id)
             return best, []
+        if self.suspended:
+            return None, []
         shared = 0
         for other in others:
             shared = max(shared, common_prefix_len(usable, other[: len(other) - 1]))
@@ -136,7 +141,9 @@ class PrefixCache:
         return entry.seq_id
 
     def evict_all(self) -> list[int]:
-        """Drop every entry (KV pressure); returns their sequence ids."""
+        """Drop every entry and make no new ones until `suspended` is cleared (KV
+        pressure); returns the entries' sequence ids."""
+        self.suspended = True
         return [self._drop(e) for e in list(self.entries)]
 
     def pending(self) -> list[PrefixEntry]:

@@ -11,6 +11,10 @@ tokens within reach of its maximum (`max - 30 * max(T, 1)`: everything below has
 relative probability < e^-30, and min-p tightens the cut), and the chain runs on
 those few candidates.
 
+Logprobs, when a request asks, are the log-softmax of its row after logit bias and
+before penalties (the model's distribution, as OpenAI and llama-server report it),
+computed from the same row the token is drawn from, without changing the draw.
+
 Constrained requests (a grammar) follow llama.cpp's common sampler: the usual chain
 draws a token, and only that token is checked against the grammar.  Only when it is
 rejected does the grammar look at more of the row, never the whole vocabulary at
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +34,7 @@ import numpy as np
 from llamba_cli.engine.request import Request
 
 if TYPE_CHECKING:
-    from llamba_cli.engine.llama import Grammar
+    from llamba_cli.engine.grammar import Grammar
 
 # Tokens more than this many (tempered) nats below the row's max are dropped
 # before any sort: their total mass is < V * e^-30 ~ 3e-8 of the top token's.
@@ -40,11 +45,26 @@ _REACH = 30.0
 GRAMMAR_CANDIDATES = 2048
 
 
+@dataclass
+class Draw:
+    """A sampled token; with its logprob and top alternatives when the request asked."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
 def apply_bias_and_penalties(
     logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]
 ) -> None:
     """In place: logit bias, then repetition/presence/frequency penalties over each
     request's last `repeat_last_n` generated tokens (llama.cpp semantics)."""
+    apply_bias(logits, rows, reqs)
+    apply_penalties(logits, rows, reqs)
+
+
+def apply_bias(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> None:
+    """In place: each request's logit bias (OpenAI semantics; -inf bans a token)."""
     for row, req in zip(rows, reqs, strict=True):
         p = req.params
         if p.logit_bias:
@@ -52,6 +72,12 @@ def apply_bias_and_penalties(
             bias = np.fromiter((b for _, b in p.logit_bias), dtype=np.float32)
             ok = toks < logits.shape[1]
             logits[row, toks[ok]] += bias[ok]
+
+
+def apply_penalties(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> None:
+    """In place: repetition, presence and frequency penalties (llama.cpp semantics)."""
+    for row, req in zip(rows, reqs, strict=True):
+        p = req.params
         if p.penalized:
             recent = req.generated()[-p.repeat_last_n :]
             if not recent:
@@ -62,6 +88,50 @@ def apply_bias_and_penalties(
                 x = np.where(x > 0, x / p.repeat_penalty, x * p.repeat_penalty)
             x = x - (p.presence_penalty + p.frequency_penalty * counts).astype(np.float32)
             logits[row, toks] = x
+
+
+class _Distribution:
+    """log-softmax of one row as it is now: the normalizer and the `k` most likely
+    tokens at once, any other token's logprob later (from a copy of the row when
+    penalties are about to change it in place)."""
+
+    def __init__(self, row: np.ndarray, k: int, keep_copy: bool) -> None:
+        m = float(row.max())
+        self.lse = m + math.log(float(np.exp(row - m, dtype=np.float64).sum()))
+        self.row = row.copy() if keep_copy else row
+        self.top: list[tuple[int, float]] = []
+        if k > 0:
+            cand = np.flatnonzero(row >= m - 20.0)
+            if len(cand) < k:
+                cand = np.argpartition(row, len(row) - k)[len(row) - k :]
+            order = np.lexsort((cand, -row[cand]))[:k]  # highest first, ties by id
+            ids = cand[order]
+            self.top = [(int(t), float(row[t]) - self.lse) for t in ids]
+
+    def draw(self, token: int) -> Draw:
+        return Draw(token, float(self.row[token]) - self.lse, self.top)
+
+
+def draw(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> list[Draw]:
+    """One next token per request, with logprobs for requests that ask. `rows[i]` is
+    request i's row in `logits`, which may be modified in place (it is llama.cpp's
+    output buffer, rewritten next step)."""
+    if not reqs:
+        return []
+    apply_bias(logits, rows, reqs)
+    dists = {
+        i: _Distribution(logits[rows[i]], req.params.logprobs, req.params.penalized)
+        for i, req in enumerate(reqs)
+        if req.params.logprobs is not None
+    }
+    apply_penalties(logits, rows, reqs)
+    tokens = _tokens(logits, rows, reqs)
+    return [dists[i].draw(t) if i in dists and t >= 0 else Draw(t) for i, t in enumerate(tokens)]
+
+
+def sample(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> list[int]:
+    """One next token per request (`draw` without logprobs)."""
+    return [d.token for d in draw(logits, rows, reqs)]
 
 
 def _top_k_candidates(row: np.ndarray, m: float, k: int, reach: float) -> np.ndarray:
@@ -120,12 +190,8 @@ def sample_row(row: np.ndarray, req: Request, m: float) -> int:
     return int(cand[i])
 
 
-def sample(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> list[int]:
-    """One next token per request. `rows[i]` is request i's row in `logits`, which
-    may be modified in place (it is llama.cpp's output buffer, rewritten next step)."""
-    if not reqs:
-        return []
-    apply_bias_and_penalties(logits, rows, reqs)
+def _tokens(logits: np.ndarray, rows: Sequence[int], reqs: Sequence[Request]) -> list[int]:
+    """The chain's draw for every row (bias and penalties already applied)."""
     out = [0] * len(reqs)
     greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
     if greedy:

@@ -1,7 +1,7 @@
 """What constrained decoding can promise for a JSON Schema, checked before any row runs.
 
 The schema is turned into a GBNF grammar by llama-cpp-python's converter (see
-`llama.schema_to_gbnf`).  That converter skips keywords it does not know, so a schema
+`grammar.schema_to_gbnf`).  That converter skips keywords it does not know, so a schema
 using one would let rows through that violate it without a word.  `check_schema`
 refuses such schemas with one line naming the keyword and where it sits, so every
 row that completes really conforms.  Integer bounds (`minimum`, `maximum`,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from llamba_cli.errors import RowError
-from llamba_cli.job.execute import Job, JobSummary
+from llamba_cli.job.execute import Job, JobOpener, check_outputs
 from llamba_cli.job.spec import JobSpec
+from llamba_cli.job.store import preflight
+from llamba_cli.job.summary import JobSummary
 
 
 @dataclass
@@ -44,10 +47,16 @@ class ValidationReport:
         return out
 
 
-def validate_job(spec: JobSpec) -> ValidationReport:
-    """Open everything a run would (input, columns, labels, model) and tokenize every
-    prompt (or `--limit` of them) against the per-sequence context."""
-    job = Job(spec)
+def validate_job(spec: JobSpec, *, opener: JobOpener = Job) -> ValidationReport:
+    """Open everything a run would (input, columns, labels, model, output) and tokenize
+    every prompt (or `--limit` of them) against the per-sequence context.  What a run
+    would refuse before starting raises the same error here."""
+    if spec.output:
+        check_outputs(spec)
+    job = opener(spec)
+    if spec.output:
+        out = Path(spec.output).expanduser()
+        preflight(out, fingerprint=job.fingerprint, overwrite=spec.overwrite)
     report = ValidationReport(limit=spec.ctx, format=job.format.name, model=job.model_path.name)
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
@@ -64,11 +73,13 @@ def validate_job(spec: JobSpec) -> ValidationReport:
     return report
 
 
-def dry_run(spec: JobSpec, default_rows: int = 5) -> Iterator[tuple[str, int, str]]:
+def dry_run(
+    spec: JobSpec, default_rows: int = 5, *, opener: JobOpener = Job
+) -> Iterator[tuple[str, int, str]]:
     """(id, prompt tokens, prompt text) of the first rows (`--limit`, default 5)."""
     if spec.limit is None:
         spec = replace(spec, limit=default_rows)
-    job = Job(spec)
+    job = opener(spec)
     summary = JobSummary(task=spec.task, output=None)
     for row in job.rows(None, summary):
         try:

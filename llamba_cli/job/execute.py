@@ -1,119 +1,83 @@
 """Running a job: input rows -> `Request`s -> engine -> output rows, streamed.
 
-Nothing here prints; progress goes to a `ProgressSink` the caller supplies (the
-CLI's rich bar or plain log lines).  Memory stays flat whatever the input size:
-rows are read lazily, the engine keeps a bounded queue, and results are written
-in input order through a reorder buffer bounded by what is in flight.
+`Job` prepares everything a run needs (input, labels, model, prompt format) and
+checks what can be checked before any row runs; `run_job` drives the engine over it
+(`job.writer` turns rows into requests and results into output rows).  Nothing
+here prints; progress goes to a `ProgressSink` the caller supplies (the CLI's rich
+bar or plain log lines).  Memory stays flat whatever the input size: rows are read
+lazily, the engine keeps a bounded queue, and results are written in input order
+through a reorder buffer bounded by what is in flight.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
+import pyarrow as pa
 
-from llamba_cli.engine import Engine, EngineConfig, Model, Request, normalize
+from llamba_cli.engine import Engine, EngineConfig, Model, Request
 from llamba_cli.errors import ConfigError, OutputError, RowError
+from llamba_cli.job.columns import output_schema
+from llamba_cli.job.formats import format_from_gguf, load_format
+from llamba_cli.job.ids import SeenIds, id_hash
+from llamba_cli.job.interrupt import Interrupted
 from llamba_cli.job.models import model_identity, resolve_model_path
-from llamba_cli.job.prompts import PromptBuilder, PromptSpec, format_from_gguf, load_format
-from llamba_cli.job.readers import InputRow, InputSource, open_input
-from llamba_cli.job.seen import SeenIds
+from llamba_cli.job.prompts import PromptBuilder, PromptSpec
+from llamba_cli.job.readers import InputRow, InputSource, ParquetSource, open_input
 from llamba_cli.job.spec import JobSpec
-from llamba_cli.job.store import OutputStore
+from llamba_cli.job.store import OutputStore, check_location, output_format
 from llamba_cli.job.structured import Constraint, load_constraint
+from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_metrics
+from llamba_cli.job.writer import ResultWriter
 
 
-class ProgressSink(Protocol):
-    def start(self, total: int | None, unit: str) -> None: ...
-    def advance(self, rows: int, errors: int, tokens: int) -> None: ...
-    def note(self, text: str) -> None: ...
+# Parquet types that survive the trip through Python values unchanged; a kept input
+# column of any other type (timestamps, decimals, maps, ...) is written as text.
+def _plain_type(kind: pa.DataType) -> bool:
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _plain_type(kind.value_type)
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(
+            _plain_type(kind.field(i).type) for i in range(kind.num_fields)
+        )
+    return (
+        pa.types.is_boolean(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    )
 
 
-class NoProgress:
-    def start(self, total: int | None, unit: str) -> None:
-        pass
+class RowWriter(Protocol):
+    """Turns a job's input rows into engine requests, and finished requests into output
+    rows (in input order, through the job's `OutputStore`)."""
 
-    def advance(self, rows: int, errors: int, tokens: int) -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-
-@dataclass
-class JobSummary:
-    """What a run did; `exit_code` follows the documented contract (0 / 1)."""
-
-    task: str
-    output: str | None
-    rows_written: int = 0
-    errors: int = 0
-    skipped_done: int = 0
-    duplicates: int = 0
-    duplicate_examples: list[str] = field(default_factory=list)
-    prompt_tokens: int = 0
-    prompt_tokens_evaluated: int = 0
-    prompt_tokens_reused: int = 0
-    generated_tokens: int = 0
-    wall_seconds: float = 0.0
-    aborted: str | None = None
-    errors_fail: bool = False  # errors make the exit code 1 (no --max-errors given)
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_written / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if (self.errors_fail or self.duplicates or self.aborted) else 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "output": self.output,
-            "rows_written": self.rows_written,
-            "errors": self.errors,
-            "skipped_already_done": self.skipped_done,
-            "duplicate_ids": self.duplicates,
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_tokens_evaluated": self.prompt_tokens_evaluated,
-            "prompt_tokens_reused": self.prompt_tokens_reused,
-            "generated_tokens": self.generated_tokens,
-            "tokens_per_second": round(self.tokens_per_second, 2),
-            "rows_per_second": round(self.rows_per_second, 3),
-            "wall_seconds": round(self.wall_seconds, 3),
-            "aborted": self.aborted,
-            "exit_code": self.exit_code,
-            "fingerprint": self.fingerprint,
-        }
-
-
-def row_seed(base: int, row_id: str, sample: int) -> int:
-    """A row's own seed: stable across runs, shards and batch composition."""
-    digest = hashlib.blake2b(f"{base}\0{row_id}\0{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def id_hash(row_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little")
+    def requests(self) -> Iterator[Request]: ...
+    def finished(self, req: Request) -> None: ...
 
 
 class Job:
-    """A prepared job: input opened, labels and columns checked, model loaded."""
+    """A prepared job: input opened, labels and columns checked, model loaded.
+
+    `tasks` are the tasks a class runs.  A subclass (the batch task's
+    `llamba_cli.openai.batch.BatchJob`, which sits above this layer) changes how input
+    is checked (`check_input`), the output's id column (`id_field`) and schema, and how
+    rows become requests and output (`writer`); callers pass it to `run_job`,
+    `validate_job` and `dry_run` as their `opener`."""
+
+    tasks: tuple[str, ...] = ("generate", "classify")
+    id_field = "id"
 
     def __init__(
         self, spec: JobSpec, *, model: Model | None = None, source: InputSource | None = None
     ) -> None:
+        if spec.task not in self.tasks:
+            raise ConfigError(f"{type(self).__name__} does not run {spec.task!r} jobs")
         self.spec = spec
         if source is None:  # a Ray actor passes the rows of its current batch instead
             source = open_input(spec.input, id_column=spec.id_column)
@@ -128,7 +92,14 @@ class Job:
         # Read and convert before the model loads, compile against its vocabulary after.
         self.constraint: Constraint | None = load_constraint(spec.json_schema, spec.grammar)
         self.model_path = resolve_model_path(spec.model)
-        self.model = model or Model(self.model_path, n_gpu_layers=spec.n_gpu_layers)
+        self.model = model or Model(
+            self.model_path, n_gpu_layers=spec.engine.n_gpu_layers, repack=spec.engine.repack
+        )
+        if spec.ctx > self.model.n_ctx_train:
+            raise ConfigError(
+                f"ctx ({spec.ctx}) is larger than the model's training context "
+                f"({self.model.n_ctx_train})"
+            )
         if self.constraint is not None:
             self.constraint.check(self.model)
         self.format = self._prompt_format()
@@ -143,12 +114,18 @@ class Job:
             bos_token=self.model.token_text(self.model.bos),
             eos_token=self.model.token_text(self.model.eos),
         )
-        self.builder.check_columns(self.source.columns)
+        self.check_input()
         if self.labels is not None:
-            for label in self.labels:
-                if not self.model.tokenize(label, add_bos=False):
-                    raise ConfigError(f"label {label!r} has no tokens in this model's vocabulary")
+            self._check_label_tokens(self.labels)
         self.fingerprint = spec.fingerprint(model_identity(self.model_path), self.format.name)
+        self._max_prompt_bytes: int | None = None
+
+    def check_input(self) -> None:
+        """Fail before any row runs if the input cannot give prompts (model loaded)."""
+        self.builder.check_columns(self.source.columns)
+
+    def writer(self, store: OutputStore, summary: JobSummary, progress: ProgressSink) -> RowWriter:
+        return ResultWriter(self, store, summary, progress)
 
     def _check_labels(self) -> tuple[str, ...]:
         labels = self.spec.label_list()
@@ -165,6 +142,20 @@ class Job:
             seen.add(label)
         return labels
 
+    def _check_label_tokens(self, labels: tuple[str, ...]) -> None:
+        """Every label must have tokens, and fit in a sequence after the shortest prompt
+        (BOS and one token), or every row would fail."""
+        for label in labels:
+            n = len(self.model.tokenize(label, add_bos=False))
+            if not n:
+                raise ConfigError(f"label {label!r} has no tokens in this model's vocabulary")
+            joined = len(self.model.tokenize(self.spec.label_delimiter + label, add_bos=False))
+            if max(n, joined) + 2 > self.spec.ctx:
+                raise ConfigError(
+                    f"label {label[:40]!r} has {max(n, joined)} tokens: no prompt fits before it"
+                    f" in a sequence of {self.spec.ctx} tokens (raise --ctx)"
+                )
+
     def _prompt_format(self) -> Any:
         name = self.spec.format
         if name == "auto":
@@ -176,6 +167,26 @@ class Job:
                 raise ConfigError("--format gguf: this model file has no chat template")
             return format_from_gguf(tmpl)
         return load_format(name)
+
+    def output_schema(self) -> pa.Schema:
+        """The Parquet schema of this job's output (see `job.columns`)."""
+        constraint = self.constraint
+        kept: list[tuple[str, pa.DataType]] = []
+        for column in self.spec.keep_columns:
+            kind = pa.string()
+            if isinstance(self.source, ParquetSource):
+                source_type = self.source.schema.field(column).type
+                kind = source_type if _plain_type(source_type) else pa.string()
+            kept.append((column, kind))
+        return output_schema(
+            task=self.spec.task,
+            labels=self.labels,
+            samples=self.spec.n > 1,
+            json_type=constraint.json_type if constraint is not None else None,
+            with_json=constraint is not None and constraint.is_json,
+            logprobs=getattr(self.spec.sampling, "logprobs", None) is not None,
+            kept=kept,
+        )
 
     # -- rows -------------------------------------------------------------------------
 
@@ -202,65 +213,135 @@ class Job:
             yield row
 
     def prompt(self, row: InputRow) -> str:
-        """The prompt text of one row; RowError if the row cannot give one."""
+        """The prompt text of one row; RowError if the row cannot give one, or if its
+        prompt is too long to fit in a sequence by its size alone (no tokenizing)."""
         if row.error is not None or row.data is None:
             raise RowError(row.error or "unreadable row")
-        return self.builder.build(row.data)
+        prompt = self.builder.build(row.data)
+        if len(prompt) > self.spec.ctx:  # cheap: a token holds at least one byte
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            limit = self.max_prompt_bytes()
+            if size > limit:
+                raise RowError(
+                    f"prompt is {size} bytes; a sequence of {self.spec.ctx} tokens (--ctx) "
+                    f"holds at most {limit} bytes of this model's text"
+                )
+        return prompt
+
+    def max_prompt_bytes(self) -> int:
+        """The most bytes of text that can fit in `ctx` tokens: `ctx` times the longest
+        token's text (measured once, over the whole vocabulary, on first use)."""
+        if self._max_prompt_bytes is None:
+            longest = max(len(self.model.token_text(t).encode()) for t in range(self.model.n_vocab))
+            self._max_prompt_bytes = self.spec.ctx * max(longest, 1)
+        return self._max_prompt_bytes
 
     def engine_config(self) -> EngineConfig:
-        s = self.spec
-        kwargs: dict[str, Any] = {}
-        if s.threads is not None:
-            kwargs["n_threads"] = s.threads
-        return EngineConfig(
-            model_path=str(self.model_path),
-            slots=s.slots,
-            n_ctx_seq=s.ctx,
-            n_batch=s.n_batch,
-            flash_attn=s.flash_attn,
-            n_gpu_layers=s.n_gpu_layers,
-            prefix_cache=s.prefix_cache,
-            **kwargs,
-        )
+        return self.spec.engine_config(str(self.model_path))
 
 
-def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
+# Prepares the job of a spec: `Job`, or a subclass for tasks a higher layer defines.
+JobOpener = Callable[[JobSpec], Job]
+
+
+def read_paths(spec: JobSpec) -> list[Path]:
+    """Files a job reads: none of them may be written as its output."""
+    paths = [Path(spec.input), resolve_model_path(spec.model)]
+    paths += [Path(p) for p in (spec.labels_file, spec.json_schema, spec.grammar) if p]
+    if spec.format.endswith(".toml") or "/" in spec.format:
+        paths.append(Path(spec.format))
+    return [p.expanduser() for p in paths]
+
+
+def check_outputs(spec: JobSpec) -> None:
+    """Fail before any work if the output or metrics path can never be written, or is
+    one of the files the job reads (through links too)."""
+    if not spec.output:
+        raise ConfigError("an output path is needed: -o/--output FILE (.parquet or .jsonl)")
+    output = Path(spec.output).expanduser()
+    output_format(output)
+    check_location(output)
+    written = [("output", output)]
+    if spec.metrics_json:
+        metrics = Path(spec.metrics_json).expanduser()
+        if metrics.is_dir() or (metrics.exists() and not metrics.is_file()):
+            raise OutputError(f"cannot write metrics to '{metrics}': not a regular file")
+        check_location(metrics)
+        if _same_file(metrics, output):
+            raise OutputError(f"--metrics-json '{metrics}' is the output file")
+        written.append(("--metrics-json", metrics))
+    for what, path in written:
+        for read in read_paths(spec):
+            if _same_file(path, read):
+                raise OutputError(
+                    f"the {what} path '{path}' is a file this job reads ('{read}'); "
+                    "choose another path"
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def run_job(
+    spec: JobSpec, progress: ProgressSink | None = None, *, opener: JobOpener = Job
+) -> JobSummary:
     """Run `spec` to completion (or abort at `max_errors`), writing its output.
 
     Raises LlambaError subclasses for problems found before any row runs; a row's
-    own problem becomes an error row.  On KeyboardInterrupt what was written stays
-    resumable."""
+    own problem becomes an error row.  On `Interrupted` (or KeyboardInterrupt) what
+    was generated is flushed and stays resumable; the exception is re-raised with
+    `kept` saying where."""
     progress = progress or NoProgress()
-    if not spec.output:
-        raise ConfigError("an output path is needed: -o/--output FILE (.parquet or .jsonl)")
-    job = Job(spec)
+    check_outputs(spec)
+    job = opener(spec)
+    engine = Engine(job.engine_config(), model=job.model)
+    try:
+        return _run(job, engine, progress)
+    finally:
+        engine.close()
+
+
+def _run(job: Job, engine: Engine, progress: ProgressSink) -> JobSummary:
+    spec = job.spec
+    assert spec.output is not None
     store = OutputStore(
-        spec.output,
+        Path(spec.output).expanduser(),
         fingerprint=job.fingerprint,
         overwrite=spec.overwrite,
         retry_errors=spec.retry_errors,
         flush_rows=spec.flush_rows,
         flush_seconds=spec.flush_seconds,
+        schema=job.output_schema(),
+        id_field=job.id_field,
     )
     summary = JobSummary(task=spec.task, output=str(store.path), fingerprint=job.fingerprint)
-    if store.done_count:
-        progress.note(f"resuming: {store.done_count} rows already in {store.path.name}")
-    engine = Engine(job.engine_config(), model=job.model)
-    total = job.source.count_rows()
-    if total is not None:
-        shard = spec.shard_index()
-        total = max(0, (total // shard[1] if shard else total) - store.done_count)
-        if spec.limit is not None:
-            total = min(total, spec.limit)
-        total *= spec.n
-    progress.start(total, "samples" if spec.n > 1 else "rows")
-    t0 = time.perf_counter()
-    writer = _ResultWriter(job, store, summary, progress)
     try:
+        if store.done_count:
+            progress.note(f"resuming: {store.done_count} rows already in {store.path.name}")
+        total = job.source.count_rows()
+        if total is not None:
+            shard = spec.shard_index()
+            total = max(0, (total // shard[1] if shard else total) - store.done_count)
+            if spec.limit is not None:
+                total = min(total, spec.limit)
+            total *= spec.n
+        progress.start(total, "samples" if spec.n > 1 else "rows")
+        t0 = time.perf_counter()
+        writer = job.writer(store, summary, progress)
         for req in engine.run(writer.requests()):
             writer.finished(req)
             if spec.max_errors is not None and summary.errors > spec.max_errors:
-                summary.aborted = f"more than {spec.max_errors} rows ended in error (--max-errors)"
+                summary.aborted = (
+                    f"more than {spec.max_errors} rows ended in error (--max-errors); what was"
+                    " written is kept: fix the input and rerun with --retry-errors, or rerun"
+                    " with a higher --max-errors"
+                )
                 break
         summary.wall_seconds = time.perf_counter() - t0
         _collect_stats(summary, engine)
@@ -268,15 +349,22 @@ def run_job(spec: JobSpec, progress: ProgressSink | None = None) -> JobSummary:
             store.close()
         else:
             store.finalize()
-    except BaseException:
+    except BaseException as exc:
         store.close()
+        if isinstance(exc, Interrupted):
+            exc.kept = _kept(store)
         raise
-    finally:
-        engine.close()
     summary.errors_fail = spec.max_errors is None and summary.errors > 0
     if spec.metrics_json:
         write_metrics(spec.metrics_json, summary)
     return summary
+
+
+def _kept(store: OutputStore) -> str:
+    total = store.done_count + store.rows_kept
+    if not store.work_dir.exists():
+        return "nothing was written yet"
+    return f"{total} rows are kept in '{store.work_dir}'; rerun the same command to resume"
 
 
 def _collect_stats(summary: JobSummary, engine: Engine) -> None:
@@ -285,119 +373,3 @@ def _collect_stats(summary: JobSummary, engine: Engine) -> None:
     summary.prompt_tokens_evaluated = st.prompt_tokens_evaluated
     summary.prompt_tokens_reused = st.prompt_tokens_reused
     summary.generated_tokens = st.generated_tokens
-
-
-def write_metrics(path: str, summary: JobSummary) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2))
-        tmp.replace(p)
-    except OSError as e:
-        raise OutputError(f"cannot write metrics to {p}: {e.strerror or e}") from None
-
-
-class _ResultWriter:
-    """Turns rows into requests and finished requests into output rows, in input order."""
-
-    def __init__(
-        self, job: Job, store: OutputStore, summary: JobSummary, progress: ProgressSink
-    ) -> None:
-        self.job = job
-        self.store = store
-        self.summary = summary
-        self.progress = progress
-        self.meta: dict[int, tuple[InputRow, int]] = {}
-        self.pending: dict[int, Request] = {}
-        self.next_out = 0
-
-    def requests(self) -> Iterator[Request]:
-        spec = self.job.spec
-        seq = 0
-        labels = self.job.labels
-        grammar = self.job.constraint.gbnf if self.job.constraint is not None else None
-        for row in self.job.rows(self.store, self.summary):
-            try:
-                prompt, error = self.job.prompt(row), None
-            except RowError as e:
-                prompt, error = "", str(e)
-            for sample in range(spec.n):
-                params = spec.sampling(row_seed(spec.seed, row.id, sample), self.job.format.stop)
-                req = Request(
-                    id=seq,
-                    prompt=prompt,
-                    params=params,
-                    labels=labels,
-                    label_delimiter=spec.label_delimiter,
-                    sample=sample,
-                    grammar_text=grammar,
-                )
-                if error is not None:
-                    req.finish("error", error)
-                self.meta[seq] = (row, sample)
-                seq += 1
-                yield req
-
-    def finished(self, req: Request) -> None:
-        self.pending[req.id] = req
-        while self.next_out in self.pending:
-            done = self.pending.pop(self.next_out)
-            row, sample = self.meta.pop(self.next_out)
-            self.next_out += 1
-            self._write(done, row, sample)
-
-    def _write(self, req: Request, row: InputRow, sample: int) -> None:
-        spec = self.job.spec
-        out: dict[str, Any] = {"id": row.id}
-        if spec.n > 1:
-            out["sample"] = sample
-        constraint = self.job.constraint
-        with_json = constraint is not None and constraint.is_json
-        json_value: Any = None
-        if constraint is not None and with_json and req.error is None:
-            try:
-                json_value = constraint.json_value(req.text, self.store.format)
-            except ValueError as e:  # the grammar rules this out; never pass broken JSON on
-                req.error = f"output is not valid JSON: {e}"
-        if self.job.labels is None:
-            out["text"] = req.text if req.error is None else None
-            if with_json:
-                out["json"] = json_value
-            out.update(
-                finish_reason=req.finish_reason,
-                prompt_tokens=req.prompt_tokens,
-                completion_tokens=req.completion_tokens,
-            )
-        else:
-            out.update(_classification_columns(self.job.labels, req.label_logprobs))
-            out["prompt_tokens"] = req.prompt_tokens
-        out["error"] = req.error
-        data = row.data or {}
-        for col in spec.keep_columns:
-            out[col if col not in out else f"input_{col}"] = data.get(col)
-        self.store.write(out)
-        self.summary.rows_written += 1
-        failed = req.error is not None
-        self.summary.errors += failed
-        self.progress.advance(1, int(failed), req.completion_tokens)
-
-
-def _classification_columns(
-    labels: tuple[str, ...], logprobs: list[float] | None
-) -> dict[str, Any]:
-    """`label`, `confidence`, then `p_<label>` and `logprob_<label>` per label."""
-    cols: dict[str, Any] = {}
-    if logprobs is None:
-        cols["label"] = None
-        cols["confidence"] = None
-        cols.update({f"p_{lab}": None for lab in labels})
-        cols.update({f"logprob_{lab}": None for lab in labels})
-        return cols
-    probs = normalize(logprobs)
-    best = max(range(len(labels)), key=probs.__getitem__)
-    cols["label"] = labels[best]
-    cols["confidence"] = probs[best]
-    cols.update({f"p_{lab}": p for lab, p in zip(labels, probs, strict=True)})
-    cols.update({f"logprob_{lab}": lp for lab, lp in zip(labels, logprobs, strict=True)})
-    return cols

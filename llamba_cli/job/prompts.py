@@ -1,142 +1,39 @@
-"""Prompt formats, and the builder that turns one input row into prompt text.
+"""The builder that turns one input row into prompt text.
 
-A prompt format is a Jinja chat template plus extra stop strings.  The packaged
-ones are `formats/*.toml`; a model's own `tokenizer.chat_template` becomes one
-through `format_from_gguf`.  `PromptBuilder` takes the user content of a row
-(`--template`, else the prompt column, else the messages column), makes it a
-conversation, adds the `--system` message, and renders it through the format.
+`PromptBuilder` takes the user content of a row (`--template`, else the prompt
+column, else the messages column), makes it a conversation, adds the `--system`
+message, and renders it through a prompt format (`job.formats`).
 
-Every template is rendered in Jinja's immutable sandbox, and reaching for an
-unsafe attribute (`__class__`, `__globals__`, ...) raises at once: a chat template
-read from a model file is untrusted input, and the sandbox alone would quietly
-render such an access as an empty string and carry on.
+Every template is rendered in a bounded Jinja sandbox (`job.sandbox`): reaching for
+an unsafe attribute (`__class__`, `__globals__`, ...) raises at once, and what a
+render may build, output and loop over is bounded, since a chat template read from a
+model file is untrusted input.
+
+Messages follow OpenAI's shape: roles `system`, `developer` (taken as `system`),
+`user`, `assistant` and `tool`; `content` a string, or a list of text parts
+(`{"type": "text", "text": ...}`) joined with newlines.
 """
 
 from __future__ import annotations
 
-import json
 import numbers
 import string
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jinja2
+import orjson
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llamba_cli.errors import ConfigError, RowError, TemplateError
+from llamba_cli.job.formats import PromptFormat
+from llamba_cli.job.sandbox import BoundedSandbox, Budget, is_template_raise, rendering
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
-# Installed, `formats/` sits inside the package; in a source checkout it is at the
-# repository root.  The installed copy wins when both exist.
-_PACKAGE_DIR = Path(__file__).resolve().parent.parent
-_FORMAT_DIRS = (_PACKAGE_DIR / "formats", _PACKAGE_DIR.parent / "formats")
-
-_FORMAT_KEYS = ("description", "template", "stop")
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Rendered once when a builder is made, so a template that cannot render even the
 # simplest conversation stops the job before the first row.
 _PROBE_TEXT = "llamba format check"
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """A named chat template (Jinja source) and the extra stop strings it needs."""
-
-    name: str
-    template: str
-    stop: tuple[str, ...]
-    description: str = ""
-
-
-def list_formats() -> list[str]:
-    """Names of the packaged formats, sorted; empty if none are installed."""
-    directory = _formats_dir()
-    if directory is None:
-        return []
-    return sorted(path.stem for path in directory.glob("*.toml"))
-
-
-def load_format(name_or_path: str) -> PromptFormat:
-    """Load a packaged format by name, or a format file by path.
-
-    Anything ending in `.toml` or containing a path separator is a path; the
-    format's name is then the file's stem.  An unknown name raises `ConfigError`
-    listing the available ones; a malformed file raises `TemplateError`.
-    """
-    if name_or_path.endswith(".toml") or "/" in name_or_path or "\\" in name_or_path:
-        path = Path(name_or_path).expanduser()
-        return _read_format_file(path, path.stem)
-    available = list_formats()
-    directory = _formats_dir()
-    # Matching against the listing, never joining the name onto a path, keeps a
-    # name like "../secret" from reaching outside the formats directory.
-    if name_or_path not in available or directory is None:
-        names = ", ".join(available) or "none installed"
-        raise ConfigError(
-            f"unknown prompt format {name_or_path!r} (available: {names}; "
-            "or give the path of a .toml format file)"
-        )
-    return _read_format_file(directory / f"{name_or_path}.toml", name_or_path)
-
-
-def format_from_gguf(template: str, name: str = "gguf") -> PromptFormat:
-    """Wrap a model's own `tokenizer.chat_template` as a format.
-
-    The text is untrusted: it is only ever rendered in the sandbox.  An empty
-    template raises `TemplateError`.
-    """
-    if not isinstance(template, str) or not template.strip():
-        raise TemplateError(f"the model's chat template ({name}) is empty")
-    return PromptFormat(
-        name=name, template=template, stop=(), description="chat template stored in the model file"
-    )
-
-
-def _formats_dir() -> Path | None:
-    for directory in _FORMAT_DIRS:
-        if directory.is_dir():
-            return directory
-    return None
-
-
-def _read_format_file(path: Path, name: str) -> PromptFormat:
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"prompt format file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read prompt format file {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TemplateError(f"prompt format file {path} is not valid TOML: {exc}") from None
-
-    unknown = sorted(set(data) - set(_FORMAT_KEYS))
-    if unknown:
-        raise TemplateError(
-            f"prompt format file {path} has unknown key(s) {', '.join(unknown)} "
-            f"(expected {', '.join(_FORMAT_KEYS)})"
-        )
-    template = data.get("template")
-    if not isinstance(template, str) or not template.strip():
-        raise TemplateError(f"prompt format file {path}: 'template' must be a non-empty string")
-    stop = data.get("stop", [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise TemplateError(
-            f"prompt format file {path}: 'stop' must be a list of non-empty strings"
-        )
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise TemplateError(f"prompt format file {path}: 'description' must be a string")
-    return PromptFormat(name=name, template=template, stop=tuple(stop), description=description)
 
 
 @dataclass(frozen=True)
@@ -239,8 +136,8 @@ def _row_messages(value: Any, column: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         # CSV cannot hold a list, so a JSON-encoded one is accepted there.
         try:
-            value = json.loads(value)
-        except ValueError:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
             raise RowError(f"column {column!r} is text but not a JSON list of messages") from None
     if not isinstance(value, (list, tuple)) or not value:
         raise RowError(f"column {column!r} must be a non-empty list of {{role, content}} messages")
@@ -249,63 +146,49 @@ def _row_messages(value: Any, column: str) -> list[dict[str, str]]:
         where = f"{column}[{index}]"
         if not isinstance(message, Mapping):
             raise RowError(f"{where} is a {type(message).__name__}, not a {{role, content}} object")
-        role, content = message.get("role"), message.get("content")
+        role = message.get("role")
         if role not in _ROLES:
             raise RowError(f"{where} has role {role!r}; expected one of {', '.join(_ROLES)}")
-        if not isinstance(content, str):
-            raise RowError(f"{where} content is a {type(content).__name__}, not a string")
-        messages.append({"role": role, "content": content})
+        content = _content_text(message.get("content"), where)
+        messages.append({"role": "system" if role == "developer" else role, "content": content})
     return messages
 
 
-class _TemplateRaised(Exception):
-    """Raised by a template's own `raise_exception(...)`."""
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI-style text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)) and content:
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif (
+                isinstance(part, Mapping)
+                and part.get("type", "text") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise RowError(
+                    f"{where} content has a {kind!r} part; only text parts are supported"
+                )
+        return "\n".join(texts)
+    raise RowError(
+        f"{where} content is a {type(content).__name__}, not a string or a list of text parts"
+    )
 
 
 class _RenderFailure(Exception):
     """A template failed on one conversation; the caller decides whose fault it is."""
 
 
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, failing at once on unsafe attributes instead of
-    returning an undefined value that renders as an empty string."""
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
-        raise SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
-
-
-def _raise_exception(message: str) -> NoReturn:
-    raise _TemplateRaised(message)
-
-
-def _strftime_now(date_format: str) -> str:
-    return datetime.now().strftime(date_format)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Hugging Face's `tojson`: plain JSON, unlike Jinja's HTML-escaping built-in.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _sandbox() -> _StrictSandbox:
+def _sandbox() -> BoundedSandbox:
     """An environment rendering like `transformers`' `apply_chat_template`."""
-    env = _StrictSandbox(
+    return BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.filters["tojson"] = _tojson
-    return env
 
 
 def _one_line(text: object) -> str:
@@ -400,24 +283,26 @@ class PromptBuilder:
     def _render(self, messages: list[dict[str, str]]) -> str:
         """Render through the sandbox; `TemplateError` for an unsafe template,
         `_RenderFailure` for any other failure."""
+        content = sum(len(m["content"]) for m in messages)
         try:
             # `tools` and `documents` are None as in transformers, for model
             # templates that test them.
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                tools=None,
-                documents=None,
-                **self._tokens,
-            )
+            with rendering(Budget.for_content(content)):
+                return self._template.render(
+                    messages=messages,
+                    add_generation_prompt=True,
+                    tools=None,
+                    documents=None,
+                    **self._tokens,
+                )
         except SecurityError as exc:
             raise TemplateError(
                 f"prompt format {self.fmt.name!r} attempted an unsafe operation and was "
                 f"stopped: {_describe(exc)}"
             ) from None
-        except _TemplateRaised as exc:
-            raise _RenderFailure(_one_line(exc)) from None
         except Exception as exc:
+            if is_template_raise(exc):
+                raise _RenderFailure(_one_line(exc)) from None
             # Whatever a template does wrong (undefined values, type errors) is a
             # failure of that template, never of this program.
             raise _RenderFailure(_describe(exc)) from None

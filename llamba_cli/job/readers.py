@@ -1,23 +1,37 @@
 """Streaming readers for the input files of a job: JSON Lines, Parquet and CSV.
 
-`open_input` checks everything that can be checked up front (the file exists and is
-readable, its format is known, the header or schema is intact, the id column exists)
-and raises `InputError` with one line naming the path, so a job never starts on an
-input it cannot read.  Iterating an `InputSource` then streams `InputRow`s in file
-order with memory bounded by one batch (one line for JSON Lines), whatever the file
-size.  A row that cannot be read does not stop the job: it comes out as an
-`InputRow` with `data=None` and `error` set, and the job writes it as an error row.
+`open_input` checks everything that can be checked up front (the file exists, is a
+regular file and readable, its format is known, the header or schema is intact, an
+explicit id column exists) and raises `InputError` with one line naming the path, so
+a job never starts on an input it cannot read.  Iterating an `InputSource` then
+streams `InputRow`s in file order with memory bounded by one batch (one line for
+JSON Lines, one record for CSV), whatever the file size.  A row that cannot be read
+(invalid JSON, a CSV line with the wrong number of cells) does not stop the job: it
+comes out as an `InputRow` with `data=None` and `error` set, and the job writes it
+as an error row.
 
-Ids are strings.  The id of a row is the value of the id column (`id` by default,
-when the input has one), otherwise its 0-based index in the file.  Because resuming
-matches rows by id, an input without ids can only be resumed if it is unchanged.
+Ids are strings, decided row by row:
+
+- a row whose id column (`id`, or the `id_column` given) holds a value has that
+  value as its id: strings as they are, numbers in decimal (3.0 -> "3"), booleans as
+  "true"/"false", lists and objects as compact JSON;
+- a row without one (no such column, null, an empty string, or a line that cannot
+  be parsed) gets `#N`, N being its 0-based position among the input's rows;
+- so that the two never meet, an id of the form `#N` given in the data is accepted
+  only on the row at position N (where it is the id the row would get anyway);
+  anywhere else the row becomes an error row under its own `#N`.
+
+Because resuming matches rows by id, rows without ids can only be resumed if the
+input is unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
+import csv
 import gzip
 import io
+import re
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +40,6 @@ from typing import Any, Literal
 
 import orjson
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from llamba_cli.errors import InputError
@@ -50,6 +63,9 @@ _SUFFIXES: tuple[tuple[str, InputFormat, bool], ...] = (
 # How many non-blank lines of a JSON Lines file are looked at to find its columns.
 _JSONL_SNIFF_LINES = 100
 _COUNT_BLOCK_BYTES = 1 << 18
+_BOM = b"\xef\xbb\xbf"
+# The ids given to rows without one: "#" and the row's position, no leading zeros.
+_GENERATED_ID = re.compile(r"#(0|[1-9][0-9]*)")
 
 # gzip reports a damaged stream as OSError (BadGzipFile), zlib.error or EOFError.
 _STREAM_ERRORS = (OSError, EOFError, zlib.error)
@@ -64,14 +80,19 @@ _JSON_KINDS: dict[type, str] = {
 }
 
 
+def generated_id(index: int) -> str:
+    """The id of the row at 0-based `index` when the row has none of its own."""
+    return f"#{index}"
+
+
 @dataclass(frozen=True)
 class InputRow:
     """One row of the input, in file order.
 
-    `index` is the 0-based position among the file's rows (blank JSON lines do not
+    `index` is the 0-based position among the file's rows (blank lines do not
     count).  `data` holds the row's columns as JSON-like Python values, or None when
     the row could not be parsed; `error` says why the row cannot be used, or is None.
-    A row with a missing id keeps its `data` but has `error` set.
+    `id` follows the rules in this module's docstring.
     """
 
     index: int
@@ -84,8 +105,8 @@ class InputSource:
     """A readable input file; iterate it to stream its rows (again from the start each time).
 
     `columns` lists the column names: from the schema or header for Parquet and CSV,
-    from the first parseable object for JSON Lines.  `id_column` is the column the
-    ids come from, or None when rows are identified by their index.
+    from the objects among the first lines for JSON Lines.  `id_column` is the column
+    ids are read from (`id` unless another was given).
     """
 
     format: InputFormat
@@ -94,7 +115,7 @@ class InputSource:
         self.path = path
         self.batch_rows = batch_rows
         self.columns: list[str] = self._read_columns()
-        self.id_column: str | None = _resolve_id_column(path, self.columns, id_column)
+        self.id_column: str = _resolve_id_column(path, self.columns, id_column)
 
     def count_rows(self) -> int | None:
         """The number of rows, if it can be known without parsing the file; else None."""
@@ -107,12 +128,20 @@ class InputSource:
         raise NotImplementedError
 
     def _row(self, index: int, data: dict[str, Any]) -> InputRow:
-        if self.id_column is None:
-            return InputRow(index, str(index), data, None)
+        own = generated_id(index)
         row_id = _id_text(data.get(self.id_column))
         if row_id is None:
-            return InputRow(index, str(index), data, f"missing id column '{self.id_column}'")
+            return InputRow(index, own, data, None)
+        if row_id != own and _GENERATED_ID.fullmatch(row_id):
+            reason = (
+                f"id {row_id!r} has the form #N that rows without an id get, and this row is"
+                f" not row {row_id[1:]}; give it another id"
+            )
+            return InputRow(index, own, data, reason)
         return InputRow(index, row_id, data, None)
+
+    def _bad_row(self, index: int, reason: str) -> InputRow:
+        return InputRow(index, generated_id(index), None, reason)
 
     def _fail(self, reason: str) -> InputError:
         return InputError(f"cannot read '{self.path}': {reason}")
@@ -124,17 +153,20 @@ def open_input(
     """Open an input file for streaming, checking it is readable before any work starts.
 
     The format comes from the extension: .jsonl/.ndjson/.json (JSON Lines, also
-    gzipped as .gz), .parquet/.pq, .csv (also .csv.gz).  With `id_column=None` the
-    column `id` is used when present, else each row's index.  Raises `InputError` for
-    an unknown extension, a missing, unreadable or empty file, a corrupt Parquet file,
-    or an `id_column` the file does not have.
+    gzipped as .gz), .parquet/.pq, .csv (also .csv.gz).  Ids come from `id_column`,
+    else the column `id`, row by row (see the module docstring).  Raises
+    `InputError` for an unknown extension, a missing, unreadable, non-regular or
+    empty file, a corrupt Parquet file, a JSON array file, or an `id_column` the
+    file does not have.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     fmt, gzipped = _detect_format(path)
     if not path.exists():
         raise InputError(f"cannot read '{path}': no such file")
     if path.is_dir():
         raise InputError(f"cannot read '{path}': is a directory")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise InputError(f"cannot read '{path}': not a regular file")
     try:
         with open(path, "rb"):
             pass
@@ -146,7 +178,7 @@ def open_input(
         return JsonlSource(path, gzipped=gzipped, id_column=id_column, batch_rows=batch_rows)
     if fmt == "parquet":
         return ParquetSource(path, id_column=id_column, batch_rows=batch_rows)
-    return CsvSource(path, id_column=id_column, batch_rows=batch_rows)
+    return CsvSource(path, gzipped=gzipped, id_column=id_column, batch_rows=batch_rows)
 
 
 class JsonlSource(InputSource):
@@ -154,7 +186,9 @@ class JsonlSource(InputSource):
 
     A line that is not valid JSON, or not an object, becomes an error row and the
     stream goes on.  Values keep their JSON types (lists and objects stay lists and
-    dicts).
+    dicts).  A UTF-8 byte order mark before the first line is ignored.  A file whose
+    first line opens a JSON array (`[`) is refused: that is a JSON document, not
+    JSON Lines.
     """
 
     format: InputFormat = "jsonl"
@@ -172,35 +206,51 @@ class JsonlSource(InputSource):
             )  # GzipFile is a BinaryIO; gzip.open is typed loosely
         return open(self.path, "rb")
 
+    def _lines(self, stream: io.BufferedIOBase) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) of the non-blank lines, the byte order mark removed."""
+        for line_number, raw in enumerate(stream, start=1):
+            if line_number == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            if raw.strip():
+                yield line_number, raw
+
     def _read_columns(self) -> list[str]:
         sniffed = 0
+        columns: dict[str, None] = {}
         try:
             with self._open() as stream:
-                for raw in stream:
-                    if not raw.strip():
-                        continue
+                for _, raw in self._lines(stream):
+                    if sniffed == 0 and raw.lstrip().startswith(b"["):
+                        raise self._fail(
+                            "it holds a JSON array; llamba reads JSON Lines, one object per"
+                            " line (convert it with: jq -c '.[]')"
+                        )
                     sniffed += 1
                     try:
                         value = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         value = None
                     if isinstance(value, dict):
-                        return list(value)
+                        columns.update(dict.fromkeys(value))
                     if sniffed >= _JSONL_SNIFF_LINES:
                         break
         except _STREAM_ERRORS as exc:
             raise self._fail(_stream_error(exc)) from None
         if sniffed == 0:
             raise self._fail("file is empty (no JSON lines)")
-        return []
+        return list(columns)
 
     def count_rows(self) -> int | None:
         """Count non-blank lines, reading binary blocks so memory stays constant."""
         count = 0
         pending = False  # the line not yet ended by a newline has non-blank content
+        first = True
         try:
             with self._open() as stream:
                 while block := stream.read(_COUNT_BLOCK_BYTES):
+                    if first and block.startswith(_BOM):
+                        block = block[len(_BOM) :]
+                    first = False
                     pieces = block.split(b"\n")
                     for piece in pieces[:-1]:
                         if pending or piece.strip():
@@ -215,9 +265,7 @@ class JsonlSource(InputSource):
         index = 0
         try:
             with self._open() as stream:
-                for line_number, raw in enumerate(stream, start=1):
-                    if not raw.strip():
-                        continue
+                for line_number, raw in self._lines(stream):
                     yield self._parse_line(index, line_number, raw)
                     index += 1
         except _STREAM_ERRORS as exc:
@@ -228,11 +276,13 @@ class JsonlSource(InputSource):
             value = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             # orjson counts lines within this one line; only the column is meaningful.
-            reason = f"line {line_number}: invalid JSON: {exc.msg} at column {exc.colno}"
-            return InputRow(index, str(index), None, reason)
+            return self._bad_row(
+                index, f"line {line_number}: invalid JSON: {exc.msg} at column {exc.colno}"
+            )
         if not isinstance(value, dict):
-            reason = f"line {line_number}: expected a JSON object, got {_json_kind(value)}"
-            return InputRow(index, str(index), None, reason)
+            return self._bad_row(
+                index, f"line {line_number}: expected a JSON object, got {_json_kind(value)}"
+            )
         return self._row(index, value)
 
 
@@ -245,6 +295,7 @@ class ParquetSource(InputSource):
         try:
             with pq.ParquetFile(self.path) as parquet:
                 self._num_rows: int = parquet.metadata.num_rows
+                self.schema: pa.Schema = parquet.schema_arrow
                 return list(parquet.schema_arrow.names)
         except (pa.ArrowException, OSError) as exc:
             raise self._fail(f"not a valid Parquet file ({_first_line(exc)})") from None
@@ -266,59 +317,90 @@ class ParquetSource(InputSource):
 
 
 class CsvSource(InputSource):
-    """CSV with a header line, streamed block by block.
+    """CSV with a header line, streamed record by record (Python's `csv` module).
 
     Every value is read as a string, exactly as written (an empty cell is ""): CSV has
-    no types, and inferring them from the first block would fail mid-file when a later
-    block disagrees, and would turn an id like "007" into 7.  Quoted values may span
-    lines.  A malformed line (wrong number of cells, invalid UTF-8) stops the stream
-    with `InputError` naming the file, since its rows cannot be told apart reliably.
+    no types, and inferring them would turn an id like "007" into 7.  Quoted values
+    may span lines; blank lines are skipped; a UTF-8 byte order mark is ignored.  A
+    record with the wrong number of cells, invalid UTF-8 or broken quoting becomes an
+    error row and the stream goes on.
     """
 
     format: InputFormat = "csv"
 
-    _PARSE = pacsv.ParseOptions(newlines_in_values=True)
+    def __init__(
+        self, path: Path, *, gzipped: bool, id_column: str | None, batch_rows: int
+    ) -> None:
+        self.gzipped = gzipped
+        super().__init__(path, id_column=id_column, batch_rows=batch_rows)
+
+    def _open(self) -> io.TextIOWrapper:
+        raw: Any = gzip.GzipFile(self.path, "rb") if self.gzipped else open(self.path, "rb")  # noqa: SIM115
+        # surrogateescape: a bad byte spoils its own record (an error row), not the file.
+        return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
     def _read_columns(self) -> list[str]:
+        _allow_long_fields()
         try:
-            with self._reader(column_types=None) as reader:
-                return list(reader.schema.names)
-        except (pa.ArrowException, OSError, EOFError) as exc:
-            message = _first_line(exc)
-            if "Empty CSV file" in message:
-                raise self._fail("file is empty (no header line)") from None
-            raise self._fail(f"not a valid CSV file ({message})") from None
-
-    @contextlib.contextmanager
-    def _reader(
-        self, column_types: dict[str, pa.DataType] | None
-    ) -> Iterator[pacsv.CSVStreamingReader]:
-        convert = pacsv.ConvertOptions(
-            column_types=column_types or {},
-            strings_can_be_null=False,
-            null_values=[],
-            quoted_strings_can_be_null=False,
-        )
-        read = pacsv.ReadOptions(use_threads=False)
-        # "detect" decompresses by extension, so .csv.gz is streamed like .csv.
-        with pa.input_stream(str(self.path), compression="detect") as stream:
-            reader = pacsv.open_csv(
-                stream, read_options=read, parse_options=self._PARSE, convert_options=convert
-            )
-            with reader:  # both closed here, not left to the garbage collector
-                yield reader
+            with self._open() as stream:
+                header = next(csv.reader(stream), None)
+        except _STREAM_ERRORS as exc:
+            raise self._fail(_stream_error(exc)) from None
+        except csv.Error as exc:
+            raise self._fail(f"not a valid CSV header ({exc})") from None
+        if not header:
+            raise self._fail("file is empty (no header line)")
+        if any(_has_bad_bytes(name) for name in header):
+            raise self._fail("the header line is not valid UTF-8")
+        if len(set(header)) != len(header):
+            twice = next(name for name in header if header.count(name) > 1)
+            raise self._fail(f"column {twice!r} appears twice in the header")
+        return header
 
     def __iter__(self) -> Iterator[InputRow]:
+        _allow_long_fields()
+        width = len(self.columns)
         index = 0
-        as_text = {name: pa.string() for name in self.columns}
         try:
-            with self._reader(column_types=as_text) as reader:
-                for batch in reader:
-                    for data in batch.to_pylist():
-                        yield self._row(index, data)
+            with self._open() as stream:
+                reader = csv.reader(stream)
+                next(reader, None)  # the header
+                while True:
+                    try:
+                        cells = next(reader)
+                    except StopIteration:
+                        return
+                    except csv.Error as exc:
+                        yield self._bad_row(index, f"line {reader.line_num}: malformed CSV: {exc}")
                         index += 1
-        except (pa.ArrowException, OSError, EOFError) as exc:
-            raise self._fail(f"malformed CSV after row {index} ({_first_line(exc)})") from None
+                        continue
+                    if not cells:
+                        continue
+                    if len(cells) != width:
+                        reason = f"line {reader.line_num}: expected {width} cells, got {len(cells)}"
+                        yield self._bad_row(index, reason)
+                    elif any(_has_bad_bytes(cell) for cell in cells):
+                        yield self._bad_row(index, f"line {reader.line_num}: not valid UTF-8")
+                    else:
+                        yield self._row(index, dict(zip(self.columns, cells, strict=True)))
+                    index += 1
+        except _STREAM_ERRORS as exc:
+            raise self._fail(_stream_error(exc)) from None
+
+
+def _allow_long_fields() -> None:
+    # The csv module refuses fields over 128 KiB by default; a long prompt is the
+    # job's to judge (by size, as a row error), not the reader's.
+    if csv.field_size_limit() < sys.maxsize // 2:
+        csv.field_size_limit(sys.maxsize // 2)
+
+
+def _has_bad_bytes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _detect_format(path: Path) -> tuple[InputFormat, bool]:
@@ -329,9 +411,9 @@ def _detect_format(path: Path) -> tuple[InputFormat, bool]:
     raise InputError(f"cannot read '{path}': unknown input format (use .jsonl, .parquet or .csv)")
 
 
-def _resolve_id_column(path: Path, columns: list[str], id_column: str | None) -> str | None:
+def _resolve_id_column(path: Path, columns: list[str], id_column: str | None) -> str:
     if id_column is None:
-        return "id" if "id" in columns else None
+        return "id"
     if id_column not in columns:
         available = ", ".join(columns) if columns else "none"
         raise InputError(f"cannot read '{path}': no id column '{id_column}' (columns: {available})")
@@ -349,7 +431,7 @@ def _id_text(value: Any) -> str | None:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
     return str(value)
 
 
@@ -360,6 +442,8 @@ def _json_kind(value: Any) -> str:
 def _stream_error(exc: BaseException) -> str:
     if isinstance(exc, EOFError):
         return "file is truncated"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not valid UTF-8"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return _first_line(exc)

@@ -32,8 +32,15 @@ Opening a store decides what is already done:
 With `retry_errors`, rows stored with an error do not count as done; writing such an
 id again supersedes the old row, and the final merge keeps only the newest row per
 id.  The manifest records whether superseding rows may exist, so jobs that never
-rewrite an id never pay for that dedupe.  Ids are kept in memory as 64-bit hashes in
-sorted numpy arrays (about 9 bytes a row), not as strings.
+rewrite an id never pay for that dedupe.  Ids are kept in memory as 64-bit hashes
+(`job.ids.StoredIds`, about 9 bytes a row), not as strings.
+
+One run at a time: the store holds an exclusive lock on the output (`OutputLock`,
+`.<name>.llamba.lock` beside it) from open to `finalize` or `close`; a second run on
+the same output fails at open with `OutputError` naming the holder's pid.  Part
+publishing and the final merge run with signals deferred (`interrupt.deferred`), so
+a SIGTERM never leaves a part renamed into place but not counted.  With a `schema`,
+every Parquet part and the merged file have exactly that schema (`job.columns`).
 """
 
 from __future__ import annotations
@@ -45,7 +52,6 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,10 +61,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llamba_cli.errors import OutputError, ResumeError
+from llamba_cli.job.columns import merge_parquet_parts, rows_to_table
+from llamba_cli.job.durable import (
+    TMP_SUFFIX,
+    OutputLock,
+    atomic_write,
+    fsync_dir,
+    fsync_file,
+    tmp_name,
+)
+from llamba_cli.job.ids import StoredIds, contains, id_hash
+from llamba_cli.job.interrupt import deferred
 
 FINGERPRINT_KEY = b"llamba.fingerprint"
 
-_OUTPUT_FORMATS = {
+OUTPUT_FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
     ".jsonl": "jsonl",
@@ -67,11 +84,7 @@ _OUTPUT_FORMATS = {
 }
 _WORK_SUFFIX = ".llamba-work"
 _MANIFEST = "manifest.json"
-_TMP = ".tmp"
 _PART = re.compile(r"part-(\d{6,})\.(parquet|jsonl)")
-_ID_BATCH = 65_536
-_MERGE_BATCH = 65_536
-_ROW_GROUP_ROWS = 131_072  # merged output is regrouped: parts are small, readers like big groups
 _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 _RERUN_HINT = "rerun with --overwrite or choose another output path"
 
@@ -80,7 +93,7 @@ class OutputStore:
     """The output of one job: buffered writes, durable parts, atomic final publish.
 
     `is_done(id)` and `done_count` describe the rows stored when the store was opened.
-    `write` buffers a row (a dict with at least `id` and `error`) and flushes once
+    `write` buffers a row (a dict with at least `id_field` and `error`) and flushes once
     `flush_rows` rows are buffered or the oldest buffered row is `flush_seconds` old
     (checked on each write; there is no background timer).  `flush` makes every
     written row durable; `close` flushes and leaves the work resumable; `finalize`
@@ -97,21 +110,21 @@ class OutputStore:
         retry_errors: bool = False,
         flush_rows: int = 256,
         flush_seconds: float = 10.0,
+        schema: pa.Schema | None = None,
+        id_field: str = "id",
     ) -> None:
         self.path = Path(path)
-        fmt = _OUTPUT_FORMATS.get(self.path.suffix.lower())
-        if fmt is None:
-            raise OutputError(
-                f"cannot write '{self.path}': unknown output format (use .parquet or .jsonl)"
-            )
-        self.format: str = fmt
+        self.id_field = id_field
+        self.format: str = output_format(self.path)
+        self.schema = schema if self.format == "parquet" else None
         self.fingerprint: dict[str, Any] = _normalized(fingerprint)
         self.retry_errors = retry_errors
         self.flush_rows = max(1, flush_rows)
         self.flush_seconds = flush_seconds
         self.work_dir = self.path.with_name(self.path.name + _WORK_SUFFIX)
         self.sidecar_path = self.path.with_name(f".{self.path.name}.llamba.json")
-        self._publish_tmp = self.path.with_name(f".{self.path.name}.llamba{_TMP}")
+        self._publish_tmp = self.path.with_name(f".{self.path.name}.llamba{TMP_SUFFIX}")
+        self.lock_path = self.path.with_name(f".{self.path.name}.llamba.lock")
 
         self._overwrite = overwrite
         self._work_ready = False  # the work dir exists and belongs to this job
@@ -119,25 +132,31 @@ class OutputStore:
         self._manifest: dict[str, Any] = {}
         self._supersedes = False
         self._next_part = 0
-        self._hashes: list[np.ndarray] = []  # per part, in order: id hashes ...
-        self._errors: list[np.ndarray] = []  # ... and whether the row has an error
-        self._stored = _EMPTY  # sorted unique hashes of every stored id
-        self._done = _EMPTY  # sorted unique hashes of the ids that count as done
+        self._ids = StoredIds(id_field)
         self._buffer: list[dict[str, Any]] = []
         self._buffer_since: float | None = None
         self._finalized = False
+        self._created_dirs: list[Path] = []
+        self._written = 0
 
-        self._check_location()
+        check_location(self.path)
         with self._os_errors("open"):
-            self._open()
-        self.done_count: int = len(self._done)
+            self._make_parent()
+            self._lock = OutputLock(self.lock_path, self.path)
+        try:
+            with self._os_errors("open"):
+                self._open()
+        except BaseException:
+            self._release()
+            raise
+        self.done_count: int = len(self._ids.done)
 
     # -- public API -----------------------------------------------------------------
 
     def is_done(self, row_id: str) -> bool:
         """Whether the id was stored when the store was opened (without error, with
         `retry_errors`).  Rows written since opening are not looked up."""
-        return _contains(self._done, _hash_one(row_id))
+        return contains(self._ids.done, id_hash(row_id))
 
     def write(self, row: dict[str, Any]) -> None:
         """Buffer one row; flushes when the buffer is full or old enough."""
@@ -146,7 +165,7 @@ class OutputStore:
         if (
             self.retry_errors
             and not self._supersedes
-            and _contains(self._stored, _hash_one(str(row["id"])))
+            and contains(self._ids.stored, id_hash(str(row[self.id_field])))
         ):
             self._supersedes = True
         self._buffer.append(row)
@@ -160,15 +179,24 @@ class OutputStore:
         """Publish the buffered rows as one new part (fsynced file, atomic rename)."""
         if not self._buffer:
             return
-        with self._os_errors("write"):
+        with deferred(), self._os_errors("write"):
             self._publish_part(self._buffer)
-        self._buffer = []
-        self._buffer_since = None
+            self._written += len(self._buffer)
+            self._buffer = []
+            self._buffer_since = None
+
+    @property
+    def rows_kept(self) -> int:
+        """Rows made durable by this run so far."""
+        return self._written
 
     def close(self) -> None:
         """Flush and stop; the work directory stays, so the job can be resumed."""
-        if not self._finalized:
-            self.flush()
+        try:
+            if not self._finalized:
+                self.flush()
+        finally:
+            self._release()
 
     def finalize(self) -> Path:
         """Flush, merge all parts into the output path atomically, remove the work dir.
@@ -180,11 +208,13 @@ class OutputStore:
         self.flush()
         if self._finished_output and not self._work_ready:
             self._finalized = True
+            self._release()
             return self.path
-        with self._os_errors("write"):
+        with deferred(), self._os_errors("write"):
             self._ensure_work_dir()
             self._merge_and_publish()
         self._finalized = True
+        self._release()
         return self.path
 
     def __enter__(self) -> OutputStore:
@@ -195,20 +225,29 @@ class OutputStore:
 
     # -- opening --------------------------------------------------------------------
 
-    def _check_location(self) -> None:
-        """Fail before any work starts if the output path can never be written."""
-        if self.path.is_dir():
-            raise OutputError(f"cannot write '{self.path}': is a directory")
+    def _make_parent(self) -> None:
+        """Create the missing folders of the output path (removed again by `_release`
+        if nothing was written into them)."""
+        missing: list[Path] = []
         parent = self.path.parent
-        while not parent.exists():  # missing directories are created on the first flush
+        while not parent.exists():
+            missing.append(parent)
             parent = parent.parent
-        if not parent.is_dir():
-            raise OutputError(f"cannot write '{self.path}': '{parent}' is not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(f"cannot write '{self.path}': permission denied in '{parent}'")
+        for folder in reversed(missing):
+            folder.mkdir()
+            self._created_dirs.append(folder)
+
+    def _release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+        for folder in reversed(self._created_dirs):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        self._created_dirs = []
 
     def _open(self) -> None:
-        for leftover in (self._publish_tmp, _tmp_name(self.sidecar_path)):
+        for leftover in (self._publish_tmp, tmp_name(self.sidecar_path)):
             leftover.unlink(missing_ok=True)
         if self._overwrite:
             return  # nothing is read, and nothing deleted until new rows are published
@@ -231,8 +270,8 @@ class OutputStore:
         elif self.path.exists():
             self._check_fingerprint(self._finished_fingerprint())
             self._finished_output = True
-            self._load_ids(self.path)
-        self._compute_done()
+            self._ids.add_file(self.path, self.format)
+        self._ids.freeze(self.retry_errors)
 
     def _reconcile(self, manifest: dict[str, Any]) -> bool:
         """Both the output and the work dir exist: settle which one holds the job.
@@ -243,13 +282,13 @@ class OutputStore:
         if manifest.get("publishing"):
             # finalize published the output but was killed before removing the work dir
             shutil.rmtree(self.work_dir)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return False
         if manifest.get("adopting") and not part0.exists():
             # killed while moving the finished output into the work dir: finish the move
             os.replace(self.path, part0)
-            _fsync_dir(self.work_dir)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.work_dir)
+            fsync_dir(self.path.parent)
             return True
         raise OutputError(
             f"cannot resume '{self.path}': it exists next to unfinished work in"
@@ -258,7 +297,7 @@ class OutputStore:
 
     def _resume(self, manifest: dict[str, Any]) -> None:
         for stray in self.work_dir.iterdir():
-            if stray.name.endswith(_TMP):
+            if stray.name.endswith(TMP_SUFFIX):
                 stray.unlink()  # a part or manifest whose writer was killed
         self._manifest = manifest
         self._supersedes = bool(manifest.get("may_supersede"))
@@ -266,62 +305,18 @@ class OutputStore:
             self._write_manifest(publishing=False, adopting=False)
         parts = self._part_paths()
         for part in parts:
-            self._load_ids(part)
+            self._ids.add_file(part, self.format)
         self._next_part = _part_number(parts[-1]) + 1 if parts else 0
         self._work_ready = True
 
     def _read_manifest(self) -> dict[str, Any] | None:
-        try:
-            manifest = orjson.loads((self.work_dir / _MANIFEST).read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return None
-        return manifest if isinstance(manifest, dict) else None
+        return _read_manifest(self.work_dir)
 
     def _finished_fingerprint(self) -> Any:
-        """The fingerprint recorded in a finished output, or None if it has none."""
-        if self.format == "parquet":
-            try:
-                metadata = pq.read_schema(self.path).metadata or {}
-            except (pa.ArrowException, OSError):
-                raise ResumeError(
-                    f"'{self.path}' exists but is not a readable Parquet file; {_RERUN_HINT}"
-                ) from None
-            raw = metadata.get(FINGERPRINT_KEY)
-        else:
-            try:
-                raw = orjson.loads(self.sidecar_path.read_bytes()).get("fingerprint")
-            except (OSError, orjson.JSONDecodeError, AttributeError):
-                raw = None
-            raw = None if raw is None else orjson.dumps(raw)
-        return None if raw is None else orjson.loads(raw)
+        return _finished_fingerprint(self.path, self.format, self.sidecar_path)
 
     def _check_fingerprint(self, stored: Any) -> None:
-        if stored is None:
-            raise ResumeError(f"'{self.path}' exists and was not produced by llamba; {_RERUN_HINT}")
-        if stored == self.fingerprint:
-            return
-        changed = _changed_keys(stored, self.fingerprint)
-        raise ResumeError(
-            f"'{self.path}' was produced by a different job (changed: {', '.join(changed)});"
-            f" {_RERUN_HINT}"
-        )
-
-    def _load_ids(self, path: Path) -> None:
-        """Index the ids (and error flags) of one stored file, in row order."""
-        chunks = _parquet_ids(path) if self.format == "parquet" else _jsonl_ids(path)
-        for ids, errors in chunks:
-            self._hashes.append(_hash_many(ids))
-            self._errors.append(errors)
-
-    def _compute_done(self) -> None:
-        hashes, errors = self._index()
-        if not len(hashes):
-            return
-        # The newest row of an id decides: a retried id's new row supersedes its error row.
-        unique, first_in_reverse = np.unique(hashes[::-1], return_index=True)
-        latest_error = errors[::-1][first_in_reverse]
-        self._stored = unique
-        self._done = unique[~latest_error] if self.retry_errors else unique
+        _check_fingerprint(self.path, stored, self.fingerprint)
 
     # -- writing --------------------------------------------------------------------
 
@@ -347,14 +342,14 @@ class OutputStore:
             # between the two steps is completed on the next open.
             self._write_manifest(adopting=True)
             os.replace(self.path, self._part_path(0))
-            _fsync_dir(self.work_dir)
+            fsync_dir(self.work_dir)
             self.sidecar_path.unlink(missing_ok=True)
             self._write_manifest(adopting=False)
             self._next_part = 1
             self._finished_output = False
         else:
             self._write_manifest()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._work_ready = True
 
     def _publish_part(self, rows: list[dict[str, Any]]) -> None:
@@ -362,37 +357,39 @@ class OutputStore:
         if self._supersedes and not self._manifest.get("may_supersede"):
             self._write_manifest(may_supersede=True)  # before any superseding row lands
         part = self._part_path(self._next_part)
-        tmp = _tmp_name(part)
+        tmp = tmp_name(part)
         try:
             if self.format == "parquet":
-                pq.write_table(_rows_to_table(rows), tmp)
-                _fsync_file(tmp)
+                pq.write_table(rows_to_table(rows, self.schema), tmp)
+                fsync_file(tmp)
             else:
                 with open(tmp, "wb") as stream:
-                    stream.write(b"".join(_json_line(row) for row in rows))
+                    stream.write(b"".join(json_line(row) for row in rows))
                     stream.flush()
                     os.fsync(stream.fileno())
             os.replace(tmp, part)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.work_dir)
+        fsync_dir(self.work_dir)
         self._next_part += 1
-        self._hashes.append(_hash_many(str(row["id"]) for row in rows))
-        self._errors.append(np.array([row.get("error") is not None for row in rows], bool))
+        self._ids.add_rows(
+            (str(row[self.id_field]) for row in rows),
+            (row.get("error") is not None for row in rows),
+        )
 
     def _merge_and_publish(self) -> None:
         parts = self._part_paths()
-        hashes, errors = self._index()
-        keep = _newest_per_id(hashes) if self._supersedes else None
+        _, errors = self._ids.all()
+        keep = self._ids.newest_per_id() if self._supersedes else None
         kept_errors = errors if keep is None else errors[keep]
         self._write_manifest(publishing=True)
         tmp = self._publish_tmp
         try:
             if self.format == "parquet":
                 metadata = {FINGERPRINT_KEY: orjson.dumps(self.fingerprint)}
-                _merge_parquet_parts(parts, tmp, metadata=metadata, keep=keep)
-                _fsync_file(tmp)
+                merge_parquet_parts(parts, tmp, metadata=metadata, keep=keep, schema=self.schema)
+                fsync_file(tmp)
             else:
                 with open(tmp, "wb") as stream:
                     _concat_jsonl(parts, stream, keep)
@@ -405,27 +402,22 @@ class OutputStore:
                 "errors": int(kept_errors.sum()),
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            _atomic_write(self.sidecar_path, orjson.dumps(sidecar, option=orjson.OPT_INDENT_2))
+            atomic_write(self.sidecar_path, orjson.dumps(sidecar, option=orjson.OPT_INDENT_2))
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         shutil.rmtree(self.work_dir)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._work_ready = False
 
     def _write_manifest(self, **changes: Any) -> None:
         self._manifest.update(changes)
         data = orjson.dumps(self._manifest, option=orjson.OPT_INDENT_2)
-        _atomic_write(self.work_dir / _MANIFEST, data)
+        atomic_write(self.work_dir / _MANIFEST, data)
 
     # -- helpers --------------------------------------------------------------------
-
-    def _index(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._hashes:
-            return _EMPTY, np.zeros(0, bool)
-        return np.concatenate(self._hashes), np.concatenate(self._errors)
 
     def _part_path(self, number: int) -> Path:
         return self.work_dir / f"part-{number:06d}.{self.format}"
@@ -452,7 +444,94 @@ class OutputStore:
             raise OutputError(f"cannot {verb} '{self.path}': {_first_line(exc)}") from None
 
 
-_EMPTY = np.zeros(0, np.uint64)
+def check_location(path: Path) -> None:
+    """Fail before any work starts if the output path can never be written."""
+    if path.is_dir():
+        raise OutputError(f"cannot write '{path}': is a directory")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"cannot write '{path}': not a regular file")
+    parent = path.parent
+    while not parent.exists():  # missing directories are created at open
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write '{path}': '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write '{path}': permission denied in '{parent}'")
+
+
+def preflight(path: str | Path, *, fingerprint: Mapping[str, Any], overwrite: bool = False) -> None:
+    """What opening a store on `path` would refuse, checked without changing anything:
+    the format, the location, another run holding the output, and (unless
+    `overwrite`) existing output or work from a different job."""
+    out = Path(path)
+    fmt = output_format(out)
+    check_location(out)
+    holder = OutputLock.holder(out.with_name(f".{out.name}.llamba.lock"))
+    if holder is not None:
+        who = f"pid {holder}" if holder > 0 else "another process"
+        raise OutputError(f"'{out}' is being written by another llamba run ({who})")
+    if overwrite:
+        return
+    current = _normalized(fingerprint)
+    work_dir = out.with_name(out.name + _WORK_SUFFIX)
+    manifest = _read_manifest(work_dir) if work_dir.is_dir() else None
+    if manifest is not None:
+        _check_fingerprint(out, manifest.get("fingerprint"), current)
+    elif out.exists():
+        sidecar = out.with_name(f".{out.name}.llamba.json")
+        _check_fingerprint(out, _finished_fingerprint(out, fmt, sidecar), current)
+
+
+def _read_manifest(work_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = orjson.loads((work_dir / _MANIFEST).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _finished_fingerprint(path: Path, fmt: str, sidecar: Path) -> Any:
+    """The fingerprint recorded in a finished output, or None if it has none."""
+    if fmt == "parquet":
+        try:
+            metadata = pq.read_schema(path).metadata or {}
+        except (pa.ArrowException, OSError):
+            raise ResumeError(
+                f"'{path}' exists but is not a readable Parquet file; {_RERUN_HINT}"
+            ) from None
+        raw = metadata.get(FINGERPRINT_KEY)
+    else:
+        try:
+            raw = orjson.loads(sidecar.read_bytes()).get("fingerprint")
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            raw = None
+        raw = None if raw is None else orjson.dumps(raw)
+    return None if raw is None else orjson.loads(raw)
+
+
+def check_fingerprint(path: Path, stored: Any, fingerprint: Mapping[str, Any]) -> None:
+    """ResumeError unless `stored` (a fingerprint read back from JSON, None when there
+    is none) is `fingerprint`: the message names the settings that changed."""
+    _check_fingerprint(path, stored, _normalized(fingerprint))
+
+
+def _check_fingerprint(path: Path, stored: Any, current: dict[str, Any]) -> None:
+    if stored is None:
+        raise ResumeError(f"'{path}' exists and was not produced by llamba; {_RERUN_HINT}")
+    if stored == current:
+        return
+    changed = _changed_keys(stored, current)
+    raise ResumeError(
+        f"'{path}' was produced by a different job (changed: {', '.join(changed)}); {_RERUN_HINT}"
+    )
+
+
+def output_format(path: Path) -> str:
+    """ "parquet" or "jsonl", from the output path's extension; OutputError otherwise."""
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(f"cannot write '{path}': unknown output format (use .parquet or .jsonl)")
+    return fmt
 
 
 def _normalized(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -468,79 +547,6 @@ def _changed_keys(stored: Any, current: dict[str, Any]) -> list[str]:
     missing = object()
     keys = list(current) + [key for key in stored if key not in current]
     return [key for key in keys if stored.get(key, missing) != current.get(key, missing)]
-
-
-def _hash_one(row_id: str) -> int:
-    digest = blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def _hash_many(ids: Any) -> np.ndarray:
-    digests = b"".join(
-        blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8).digest() for row_id in ids
-    )
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
-
-
-def _contains(sorted_hashes: np.ndarray, value: int) -> bool:
-    if not len(sorted_hashes):
-        return False
-    key = np.uint64(value)
-    position = int(np.searchsorted(sorted_hashes, key))
-    return position < len(sorted_hashes) and sorted_hashes[position] == key
-
-
-def _newest_per_id(hashes: np.ndarray) -> np.ndarray:
-    """A mask over rows in write order keeping only the last row of each id."""
-    keep = np.zeros(len(hashes), bool)
-    if len(hashes):
-        _, first_in_reverse = np.unique(hashes[::-1], return_index=True)
-        keep[len(hashes) - 1 - first_in_reverse] = True
-    return keep
-
-
-def _parquet_ids(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
-    """The ids and error flags of a Parquet file, read column-wise in batches."""
-    try:
-        with pq.ParquetFile(path) as parquet:
-            names = parquet.schema_arrow.names
-            if "id" not in names:
-                raise OutputError(f"cannot resume from '{path}': it has no 'id' column")
-            columns = ["id", "error"] if "error" in names else ["id"]
-            for batch in parquet.iter_batches(batch_size=_ID_BATCH, columns=columns):
-                ids = [str(value) for value in batch.column(0).to_pylist()]
-                if len(columns) == 2:
-                    errors = batch.column(1).is_valid().to_numpy(zero_copy_only=False)
-                else:
-                    errors = np.zeros(len(ids), bool)
-                yield ids, np.asarray(errors, bool)
-    except pa.ArrowException as exc:
-        raise OutputError(f"cannot resume from '{path}': {_first_line(exc)}") from None
-
-
-def _jsonl_ids(path: Path) -> Iterator[tuple[list[str], np.ndarray]]:
-    """The ids and error flags of a JSON Lines file; blank lines are not rows."""
-    ids: list[str] = []
-    errors: list[bool] = []
-    with open(path, "rb") as stream:
-        for line_number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or row.get("id") is None:
-                raise OutputError(
-                    f"cannot resume from '{path}': line {line_number} is not a row with an id"
-                )
-            ids.append(str(row["id"]))
-            errors.append(row.get("error") is not None)
-            if len(ids) >= _ID_BATCH:
-                yield ids, np.array(errors, bool)
-                ids, errors = [], []
-    if ids:
-        yield ids, np.array(errors, bool)
 
 
 def _concat_jsonl(parts: list[Path], out: BinaryIO, keep: np.ndarray | None) -> None:
@@ -564,7 +570,8 @@ def _concat_jsonl(parts: list[Path], out: BinaryIO, keep: np.ndarray | None) -> 
                 position += 1
 
 
-def _json_line(row: dict[str, Any]) -> bytes:
+def json_line(row: dict[str, Any]) -> bytes:
+    """One output row as the JSON line a `.jsonl` output holds."""
     return orjson.dumps(row, default=str, option=_JSON_OPTIONS) + b"\n"
 
 
@@ -572,166 +579,6 @@ def _part_number(part: Path) -> int:
     match = _PART.fullmatch(part.name)
     assert match is not None
     return int(match.group(1))
-
-
-def _tmp_name(path: Path) -> Path:
-    hidden = path.name if path.name.startswith(".") else f".{path.name}"
-    return path.with_name(hidden + _TMP)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable; a no-op where directories cannot be fsynced."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# -- Parquet rows ---------------------------------------------------------------------
-#
-# Parts are written from Python rows, so each part's schema is inferred from its own
-# rows: a column can be all-null in one part and a string in the next, int in one and
-# float in another, or a struct with different fields.  The merge unifies the parts'
-# schemas permissively and casts part by part.  A column whose values Arrow cannot
-# type at all (a string in one row, a number in the next) is stored as text, non-string
-# values as JSON, rather than failing the job.
-
-
-def _rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    names: dict[str, None] = {}  # union of the rows' keys, in first-seen order
-    for row in rows:
-        names.update(dict.fromkeys(row))
-    columns = [_column_array([row.get(name) for row in rows]) for name in names]
-    return pa.Table.from_arrays(columns, names=list(names))
-
-
-def _column_array(values: list[Any]) -> pa.Array:
-    try:
-        array = pa.array(values)
-    except (pa.ArrowException, OverflowError, TypeError, ValueError):
-        return pa.array([_text(value) for value in values], pa.string())
-    if not _parquet_writable(array.type):
-        return pa.array([_text(value) for value in values], pa.string())
-    return array
-
-
-def _parquet_writable(kind: pa.DataType) -> bool:
-    """False for types Parquet cannot store, i.e. a struct without fields (from `{}`)."""
-    if pa.types.is_struct(kind):
-        fields = [kind.field(i) for i in range(kind.num_fields)]
-        return bool(fields) and all(_parquet_writable(field.type) for field in fields)
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        return _parquet_writable(kind.value_type)
-    if pa.types.is_map(kind):
-        return _parquet_writable(kind.key_type) and _parquet_writable(kind.item_type)
-    return True
-
-
-def _text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return orjson.dumps(value, default=str, option=_JSON_OPTIONS).decode()
-
-
-def _merge_parquet_parts(
-    parts: list[Path], dest: Path, *, metadata: dict[bytes, bytes], keep: np.ndarray | None
-) -> None:
-    """Stream the parts into one Parquet file at `dest`, one batch in memory at a time.
-
-    With `keep`, a mask over all rows of all parts in order, only the marked rows are
-    written.
-    """
-    target, as_text = _unified_schema([pq.read_schema(part) for part in parts])
-    target = target.with_metadata(metadata)
-    position = 0
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    with pq.ParquetWriter(dest, target) as writer:
-        for part in parts:
-            with pq.ParquetFile(part) as parquet:
-                for batch in parquet.iter_batches(batch_size=_MERGE_BATCH):
-                    table = _conform(pa.Table.from_batches([batch]), target, as_text)
-                    if keep is not None:
-                        table = table.filter(pa.array(keep[position : position + len(table)]))
-                    position += batch.num_rows
-                    pending.append(table)
-                    pending_rows += len(table)
-                    if pending_rows >= _ROW_GROUP_ROWS:
-                        writer.write_table(pa.concat_tables(pending))
-                        pending, pending_rows = [], 0
-        if pending:
-            writer.write_table(pa.concat_tables(pending))
-    if keep is not None and position != len(keep):
-        raise OutputError(f"cannot merge the parts in '{dest.parent}': they changed during the job")
-
-
-def _unified_schema(schemas: list[pa.Schema]) -> tuple[pa.Schema, set[str]]:
-    """One schema for all parts, and the names of columns that must be stored as text."""
-    candidates: dict[str, list[pa.Field]] = {}
-    for schema in schemas:
-        for field in schema:
-            candidates.setdefault(field.name, []).append(field)
-    if not candidates:
-        return pa.schema([("id", pa.string()), ("error", pa.string())]), set()
-    fields: list[pa.Field] = []
-    as_text: set[str] = set()
-    for name, versions in candidates.items():
-        try:
-            single = [pa.schema([field]) for field in versions]
-            fields.append(pa.unify_schemas(single, promote_options="permissive").field(0))
-        except pa.ArrowException:
-            fields.append(pa.field(name, pa.string()))
-            as_text.add(name)
-    return pa.schema(fields), as_text
-
-
-def _conform(table: pa.Table, target: pa.Schema, as_text: set[str]) -> pa.Table:
-    """`table` with exactly the columns and types of `target` (missing ones all null)."""
-    columns: list[pa.Array | pa.ChunkedArray] = []
-    for field in target:
-        if field.name not in table.column_names:
-            columns.append(pa.nulls(len(table), field.type))
-            continue
-        column = table.column(field.name)
-        if field.name in as_text:
-            if not pa.types.is_string(column.type):
-                column = pa.array([_text(value) for value in column.to_pylist()], pa.string())
-        elif column.type != field.type:
-            try:
-                column = column.cast(field.type)
-            except pa.ArrowException:
-                # e.g. structs whose fields differ: rebuild from values, missing ones null
-                column = pa.array(column.to_pylist(), type=field.type)
-        columns.append(column)
-    return pa.Table.from_arrays(columns, schema=target)
 
 
 def _first_line(exc: BaseException) -> str:

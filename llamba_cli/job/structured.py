@@ -11,14 +11,14 @@ else the JSON text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
 
-from llamba_cli.engine.llama import Grammar, Model, schema_to_gbnf
+from llamba_cli.engine import Grammar, Model, schema_to_gbnf
 from llamba_cli.errors import ConfigError
+from llamba_cli.job.userfiles import read_text
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,7 @@ def load_constraint(json_schema: str | None, grammar: str | None) -> Constraint 
         return None
     flag = "--json-schema" if json_schema else "--grammar"
     source = f"{flag} {path}"
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise ConfigError(f"cannot read {source}: {reason}") from None
+    text = read_text(path, flag)
     if grammar:
         if not text.strip():
             raise ConfigError(f"{source}: the grammar is empty")

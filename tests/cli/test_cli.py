@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import orjson
@@ -10,6 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from llamba_cli.cli.app import app
+from llamba_cli.engine import SamplingParams
+from llamba_cli.job.columns import LOGPROB_TYPE, output_schema, rows_to_table
+from llamba_cli.job.writer import _logprob_column
 from tests.cli_process import llamba
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,7 +143,7 @@ BAD_CASES = [
     ),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--format", "nope"], "nope"),
     (["generate", "sample_data/prompts.jsonl", "-o", "x.parquet", "--shard", "3/2"], "shard"),
-    (["run", "jobs/missing.toml"], "job file not found"),
+    (["run", "jobs/missing.toml"], "no such file"),
 ]
 
 
@@ -188,3 +192,51 @@ def test_labels_from_a_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 3 and {"p_positive", "p_negative"} <= set(rows[0])
+
+
+HAS_LOGPROBS = "logprobs" in {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+@pytest.mark.skipif(not HAS_LOGPROBS, reason="SamplingParams has no logprobs field here")
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_logprobs_column(tmp_path, fmt):
+    out = tmp_path / f"lp.{fmt}"
+    proc = llamba(
+        "generate", str(SAMPLE / "prompts.jsonl"), "-o", str(out), "--limit", "2",
+        "--temperature", "0", "--max-tokens", "4", "--slots", "2", "--logprobs", "3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    if fmt == "parquet":
+        assert pq.read_schema(out).field("logprobs").type == LOGPROB_TYPE
+        rows = pq.read_table(out).to_pylist()
+    else:
+        rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    for r in rows:
+        entries = r["logprobs"]
+        assert len(entries) == r["completion_tokens"] > 0
+        for e in entries:
+            tops = [t["logprob"] for t in e["top"]]
+            assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+            assert e["logprob"] == pytest.approx(tops[0], abs=1e-6)  # greedy: the argmax
+            assert e["token"] == e["top"][0]["token"]
+        if r["finish_reason"] == "length":
+            assert "".join(e["token"] for e in entries) == r["text"]
+
+
+def test_logprobs_column_shape_without_the_engine():
+    @dataclasses.dataclass
+    class Entry:  # the engine's TokenLogprob contract
+        token: int
+        text: bytes
+        logprob: float
+        top: list
+
+    entries = [Entry(5, b"Hi", -0.1, [(5, b"Hi", -0.1), (7, b"\xe2\x82", -2.5)])]
+    column = _logprob_column(entries)
+    assert column == [
+        {"token": "Hi", "logprob": -0.1, "top": [
+            {"token": "Hi", "logprob": -0.1}, {"token": "\ufffd", "logprob": -2.5}]}
+    ]  # fmt: skip
+    schema = output_schema(task="generate", logprobs=True)
+    table = rows_to_table([{"id": "a", "logprobs": column}, {"id": "b"}], schema)
+    assert table.schema == schema and table.column("logprobs").to_pylist()[1] is None

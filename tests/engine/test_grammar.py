@@ -9,13 +9,16 @@ maxLength; every completed row must parse and validate (tests/schema_check.py).
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from llamba_cli.engine import Request, SamplingParams
-from llamba_cli.engine.llama import Grammar, schema_to_gbnf
+from llamba_cli.engine import Grammar, Request, SamplingParams, schema_to_gbnf
+from llamba_cli.engine.capture import capture_stderr
 from llamba_cli.engine.sampler import apply_grammar, sample
 from llamba_cli.engine.schema import integer_range_rule
 from llamba_cli.errors import ConfigError
@@ -133,6 +136,49 @@ def test_bad_grammar_raises_config_error_with_llama_cpp_reason(model, gbnf, reas
         Grammar(model, gbnf)
     assert reason in str(info.value) and "\n" not in str(info.value)
     assert "error parsing grammar" not in capfd.readouterr().err  # captured, not printed
+
+
+def test_stderr_capture_takes_only_what_it_claims(capfd):
+    def claim(printed: bytes) -> tuple[bytes, bytes]:
+        at = printed.find(b"MINE\n")
+        if at < 0:
+            return b"", printed
+        return b"MINE\n", printed[:at] + printed[at + 5 :]
+
+    with capture_stderr(claim) as got:
+        os.write(2, b"before ")
+        os.write(2, b"MINE\n")
+        other = threading.Thread(target=lambda: os.write(2, b"from another thread\n"))
+        other.start()
+        other.join()
+    assert got.claimed == b"MINE\n"
+    assert capfd.readouterr().err == "before from another thread\n"
+
+
+def test_failing_grammars_do_not_eat_another_threads_output(model, capfd):
+    """A progress bar writing to stderr while grammars compile loses nothing."""
+    stop = threading.Event()
+    written: list[str] = []
+
+    def progress() -> None:
+        while not stop.is_set():
+            line = f"progress {len(written)}\n"
+            os.write(2, line.encode())
+            written.append(line)
+            time.sleep(0.0002)
+
+    writer = threading.Thread(target=progress)
+    writer.start()
+    try:
+        for _ in range(30):
+            with pytest.raises(ConfigError, match="unexpected end of input"):
+                Grammar(model, 'root ::= "yes" | "no')
+    finally:
+        stop.set()
+        writer.join()
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines(keepends=True)) == sorted(written)  # delayed at most
+    assert "error parsing grammar" not in err
 
 
 def test_grammar_state_allowed_accept_complete_and_clone(model):

@@ -30,8 +30,9 @@ def peaked_row(vocab: int = V) -> np.ndarray:
     return np.log(p).astype(np.float32)
 
 
-def make_req(seed: int | None = 0, *, tokens: list[int] | None = None, num_prompt: int = 0,
-             **params: object) -> Request:
+def make_req(
+    seed: int | None = 0, *, tokens: list[int] | None = None, num_prompt: int = 0, **params: object
+) -> Request:
     req = Request(id=seed, prompt="", params=SamplingParams(**params))  # type: ignore[arg-type]
     req.rng = np.random.default_rng(seed)
     if tokens is not None:
@@ -46,8 +47,9 @@ def softmax64(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def reference_dist(row: np.ndarray, *, temperature: float, top_k: int, top_p: float,
-                   min_p: float) -> np.ndarray:
+def reference_dist(
+    row: np.ndarray, *, temperature: float, top_k: int, top_p: float, min_p: float
+) -> np.ndarray:
     """llama.cpp's chain, written out: top-k, then top-p over the survivors' softmax,
     then min-p relative to the most likely survivor, then temperature."""
     x = row.astype(np.float64)
@@ -65,8 +67,9 @@ def reference_dist(row: np.ndarray, *, temperature: float, top_k: int, top_p: fl
     return out
 
 
-def draw_counts(row: np.ndarray, n: int, *, batch: int = 250, seed: int = 0,
-                **params: object) -> np.ndarray:
+def draw_counts(
+    row: np.ndarray, n: int, *, batch: int = 250, seed: int = 0, **params: object
+) -> np.ndarray:
     """Token frequencies over `n` draws: `batch` requests (own seeds) over copies of `row`."""
     reqs = [make_req(seed * 1_000_003 + i, **params) for i in range(batch)]
     counts = np.zeros(len(row), dtype=np.int64)
@@ -99,8 +102,9 @@ def test_reference_distribution_is_what_the_tests_assume() -> None:
     row = peaked_row()
     d = reference_dist(row, temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)
     assert sorted(np.flatnonzero(d).tolist()) == [2, 17, 503, 999]
-    np.testing.assert_allclose(d[[17, 503, 2, 999]], np.array([0.4, 0.25, 0.15, 0.1]) / 0.9,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        d[[17, 503, 2, 999]], np.array([0.4, 0.25, 0.15, 0.1]) / 0.9, rtol=1e-6
+    )
     d = reference_dist(row, temperature=1.0, top_k=0, top_p=0.75, min_p=0.0)
     assert sorted(np.flatnonzero(d).tolist()) == [2, 17, 503]
 
@@ -163,8 +167,10 @@ def test_top_k_1_is_argmax_at_any_temperature(temperature: float) -> None:
     logits = np.random.default_rng(6).standard_normal((6, V)).astype(np.float32)
     expected = logits.argmax(axis=1).tolist()
     for seed in range(20):
-        reqs = [make_req(seed * 10 + i, temperature=temperature, top_k=1, top_p=1.0, min_p=0.0)
-                for i in range(6)]
+        reqs = [
+            make_req(seed * 10 + i, temperature=temperature, top_k=1, top_p=1.0, min_p=0.0)
+            for i in range(6)
+        ]
         assert sample(logits.copy(), list(range(6)), reqs) == expected
 
 
@@ -202,8 +208,9 @@ def test_top_p_keeps_smallest_set_reaching_p(temperature: float) -> None:
     assert_distribution(counts, expected)
 
 
-@pytest.mark.parametrize(("top_p", "kept"), [(0.39, 1), (0.41, 2), (0.64, 2), (0.66, 3),
-                                             (0.89, 4), (0.91, 5)])
+@pytest.mark.parametrize(
+    ("top_p", "kept"), [(0.39, 1), (0.41, 2), (0.64, 2), (0.66, 3), (0.89, 4), (0.91, 5)]
+)
 def test_top_p_boundaries(top_p: float, kept: int) -> None:
     row = peaked_row()
     counts = draw_counts(row, 2_000, temperature=1.0, top_k=0, top_p=top_p, min_p=0.0)
@@ -262,8 +269,15 @@ def test_logit_bias_minus_inf_bans_a_token() -> None:
 
 def test_logit_bias_minus_inf_never_sampled() -> None:
     row = peaked_row()
-    counts = draw_counts(row, 5_000, temperature=1.0, top_k=0, top_p=1.0, min_p=0.2,
-                         logit_bias=((17, float("-inf")),))
+    counts = draw_counts(
+        row,
+        5_000,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.2,
+        logit_bias=((17, float("-inf")),),
+    )
     row2 = row.copy()
     row2[17] = -np.inf
     expected = reference_dist(row2, temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)
@@ -280,8 +294,14 @@ def test_logit_bias_large_positive_forces_a_token() -> None:
         reqs = [
             make_req(seed, temperature=0.0, logit_bias=((int(worst[0]), 100.0),)),
             make_req(seed, temperature=1.0, logit_bias=((int(worst[1]), 100.0),)),
-            make_req(seed, temperature=5.0, top_k=0, top_p=1.0, min_p=0.0,
-                     logit_bias=((int(worst[2]), 100.0),)),
+            make_req(
+                seed,
+                temperature=5.0,
+                top_k=0,
+                top_p=1.0,
+                min_p=0.0,
+                logit_bias=((int(worst[2]), 100.0),),
+            ),
             make_req(seed, temperature=0.0),
         ]
         got = sample(logits.copy(), [0, 1, 2, 3], reqs)

@@ -1,9 +1,8 @@
 """`Scheduler` (and its `PrefixCache`) without a model.
 
-Requests carry preset `tokens` / `num_prompt`; a step is simulated the way the
-engine does it: every chunk's owner gets `num_computed = chunk.end`, and a
-generation request whose known tokens are all computed gets one more token (or is
-released once it has generated its quota).
+Requests carry preset `tokens` / `num_prompt`; a step's decode is replaced by a
+hand-made `StepOutput` (the token each sampling chunk draws), and the scheduler's
+own `postprocess` applies it: the finishing rules tested here are the real ones.
 """
 
 from __future__ import annotations
@@ -13,16 +12,38 @@ import pytest
 
 from llamba_cli.engine.config import SamplingParams
 from llamba_cli.engine.prefix_cache import PrefixCache, PrefixEntry
-from llamba_cli.engine.request import Request, Status
-from llamba_cli.engine.scheduler import Chunk, Plan, Scheduler
+from llamba_cli.engine.request import Request, RequestOutput, Status
+from llamba_cli.engine.sampler import Draw
+from llamba_cli.engine.scheduler import Chunk, Plan, Scheduler, StepOutput
+from llamba_cli.engine.text import TextStream
 
 NEXT_TOKEN = 90_000  # generated tokens: never part of a prompt
+EOG = 7  # the hand-made vocabulary's end-of-generation token
+N_VOCAB = 100_000
 
 
-def make_req(i: int, prompt: list[int] | range, max_new: int = 3) -> Request:
-    req = Request(id=i, prompt="", params=SamplingParams(max_tokens=max_new))
+class TableVocab:
+    """A hand-made vocabulary: token t reads "<t>", except where `pieces` says."""
+
+    def __init__(self, pieces: dict[int, bytes] | None = None) -> None:
+        self.eog_mask = np.zeros(N_VOCAB, dtype=bool)
+        self.eog_mask[EOG] = True
+        self.pieces = pieces or {}
+
+    def piece(self, token: int) -> bytes:
+        return b"" if token == EOG else self.pieces.get(token, f"<{token}>".encode())
+
+
+def make_sched(slots: int, n_batch: int, n_ctx_seq: int = 4096, **kw: object) -> Scheduler:
+    vocab = kw.pop("vocab", None) or TableVocab()
+    return Scheduler(slots=slots, n_batch=n_batch, n_ctx_seq=n_ctx_seq, vocab=vocab, **kw)  # type: ignore[arg-type]
+
+
+def make_req(i: object, prompt: list[int] | range, max_new: int = 3, **params: object) -> Request:
+    req = Request(id=i, prompt="", params=SamplingParams(max_tokens=max_new, **params))  # type: ignore[arg-type]
     req.tokens = list(prompt)
     req.num_prompt = len(req.tokens)
+    req.stream = TextStream(req.params.stop)
     return req
 
 
@@ -51,28 +72,29 @@ def check_plan(sched: Scheduler, plan: Plan) -> None:
     # every running request with exactly one pending token got its decode
     decoded = {id(c.owner) for c, d in zip(plan.chunks, is_decode, strict=True) if d}
     assert {id(r) for r in sched.running if r.num_pending == 1} <= decoded
-    # a free slot is never left idle while requests wait (unless deferred on a prefix)
-    if sched.prefix_cache is None:
+    # a free slot is never left idle while requests wait (unless deferred on a prefix,
+    # or held back after a preemption until a request finishes)
+    if sched.prefix_cache is None and not sched._hold_admission:
         assert not (sched.free_seqs and sched.waiting)
     seqs = [r.seq_id for r in sched.running]
     assert len(seqs) == len(set(seqs))
     assert not set(seqs) & set(sched.free_seqs)
 
 
-def advance(sched: Scheduler, plan: Plan) -> list[Request]:
-    """Apply a step as the engine does; returns the requests that finished."""
-    finished = []
-    for c in plan.chunks:
-        owner = c.owner
-        owner.num_computed = c.end
-        if isinstance(owner, Request) and c.end == len(owner.tokens):
-            owner.tokens.append(NEXT_TOKEN + len(owner.generated()))
-            owner.completion_tokens += 1
-            if owner.completion_tokens >= owner.params.max_tokens:
-                sched.release(owner)
-                owner.finish("length")
-                finished.append(owner)
-    return finished
+def next_token(req: Request) -> int:
+    return NEXT_TOKEN + len(req.generated())
+
+
+def decode(plan: Plan, pick=next_token) -> StepOutput:  # type: ignore[no-untyped-def]
+    """What a decode of `plan` hands back, with `pick(request)` as each drawn token."""
+    draws = [Draw(pick(c.owner)) if c.sample else None for c in plan.chunks]
+    return StepOutput(np.zeros((0, N_VOCAB), np.float32), [[] for _ in plan.chunks], draws)
+
+
+def advance(sched: Scheduler, plan: Plan, pick=next_token) -> list[Request]:  # type: ignore[no-untyped-def]
+    """Apply a decoded step through the scheduler; returns the requests that finished."""
+    sched.postprocess(plan, decode(plan, pick))
+    return [o.request for o in sched.take_outputs() if o.finished]
 
 
 def run_to_end(sched: Scheduler, max_steps: int = 1000) -> list[Plan]:
@@ -80,7 +102,9 @@ def run_to_end(sched: Scheduler, max_steps: int = 1000) -> list[Plan]:
     while sched.has_work:
         plan = sched.schedule()
         check_plan(sched, plan)
-        assert plan.chunks, "work left but nothing scheduled"
+        if not plan.chunks:  # only the last finished requests' KV to drop
+            assert plan.free and not sched.running and not sched.waiting, plan
+            continue
         plans.append(plan)
         advance(sched, plan)
         assert len(plans) < max_steps
@@ -88,15 +112,17 @@ def run_to_end(sched: Scheduler, max_steps: int = 1000) -> list[Plan]:
 
 
 def spans(plan: Plan) -> list[tuple[object, int, int]]:
-    return [(c.owner.id if isinstance(c.owner, Request) else "prefix", c.start, c.end)
-            for c in plan.chunks]
+    return [
+        (c.owner.id if isinstance(c.owner, Request) else "prefix", c.start, c.end)
+        for c in plan.chunks
+    ]
 
 
 # -- without a prefix cache ----------------------------------------------------------------
 
 
 def test_mixed_workload_respects_batch_and_generates_everything() -> None:
-    sched = Scheduler(slots=4, n_batch=32)
+    sched = make_sched(slots=4, n_batch=32)
     lengths = [50, 10, 70, 5, 40, 3, 33, 1]
     reqs = [make_req(i, unique_prompt(i, n), max_new=4 + i % 3) for i, n in enumerate(lengths)]
     for r in reqs:
@@ -114,7 +140,7 @@ def test_mixed_workload_respects_batch_and_generates_everything() -> None:
 
 
 def test_long_prompt_is_chunked_across_steps() -> None:
-    sched = Scheduler(slots=2, n_batch=16)
+    sched = make_sched(slots=2, n_batch=16)
     sched.add(make_req(0, unique_prompt(0, 40), max_new=2))
     p1 = sched.schedule()
     assert spans(p1) == [(0, 0, 16)]
@@ -130,7 +156,7 @@ def test_long_prompt_is_chunked_across_steps() -> None:
 
 
 def test_decode_comes_first_and_prompt_gets_the_rest_of_the_budget() -> None:
-    sched = Scheduler(slots=3, n_batch=16)
+    sched = make_sched(slots=3, n_batch=16)
     a = make_req("a", unique_prompt(0, 3), max_new=10)
     sched.add(a)
     advance(sched, sched.schedule())  # a's prompt; a now has one pending token
@@ -152,9 +178,10 @@ def test_decode_comes_first_and_prompt_gets_the_rest_of_the_budget() -> None:
 
 
 def test_slot_refilled_the_step_a_request_is_released() -> None:
-    sched = Scheduler(slots=2, n_batch=64)
-    a, b, c = (make_req(n, unique_prompt(i, 5), max_new=1 if n == "a" else 5)
-               for i, n in enumerate("abc"))
+    sched = make_sched(slots=2, n_batch=64)
+    a, b, c = (
+        make_req(n, unique_prompt(i, 5), max_new=1 if n == "a" else 5) for i, n in enumerate("abc")
+    )
     for r in (a, b, c):
         sched.add(r)
     p = sched.schedule()
@@ -171,7 +198,7 @@ def test_slot_refilled_the_step_a_request_is_released() -> None:
 
 
 def test_preempt_requeues_the_newest_at_the_head() -> None:
-    sched = Scheduler(slots=3, n_batch=64)
+    sched = make_sched(slots=3, n_batch=64)
     reqs = [make_req(i, unique_prompt(i, 6), max_new=5) for i in range(4)]
     for r in reqs:
         sched.add(r)
@@ -196,7 +223,7 @@ def test_preempt_requeues_the_newest_at_the_head() -> None:
 
 
 def test_preemption_relieves_kv_demand() -> None:
-    sched = Scheduler(slots=2, n_batch=64)
+    sched = make_sched(slots=2, n_batch=64)
     a = make_req("a", unique_prompt(0, 10), max_new=50)
     b = make_req("b", unique_prompt(1, 20), max_new=50)
     sched.add(a)
@@ -213,7 +240,7 @@ def test_preemption_relieves_kv_demand() -> None:
 
 
 def test_chunks_start_at_num_computed_of_partially_computed_requests() -> None:
-    sched = Scheduler(slots=1, n_batch=8)
+    sched = make_sched(slots=1, n_batch=8)
     r = make_req(0, unique_prompt(0, 20))
     sched.add(r)
     p = sched.schedule()
@@ -225,10 +252,15 @@ def test_chunks_start_at_num_computed_of_partially_computed_requests() -> None:
 # -- prefix cache -------------------------------------------------------------------------
 
 
-def cache_sched(slots: int = 4, n_batch: int = 512, budget: int = 4096,
-                min_tokens: int = 16, lookahead: int = 64) -> Scheduler:
+def cache_sched(
+    slots: int = 4,
+    n_batch: int = 512,
+    budget: int = 4096,
+    min_tokens: int = 16,
+    lookahead: int = 64,
+) -> Scheduler:
     cache = PrefixCache(range(slots, slots + 8), budget=budget, min_tokens=min_tokens)
-    return Scheduler(slots=slots, n_batch=n_batch, prefix_cache=cache, lookahead=lookahead)
+    return make_sched(slots=slots, n_batch=n_batch, prefix_cache=cache, lookahead=lookahead)
 
 
 def entries(sched: Scheduler) -> list[PrefixEntry]:
@@ -370,8 +402,9 @@ def test_eviction_when_sequence_ids_run_out() -> None:
     sched = cache_sched(slots=2)
     heads = [[10_000 * (g + 1) + j for j in range(30)] for g in range(9)]
     for g in range(8):
-        plans = run_group(sched, [make_req(f"{g}.{i}", shared_prompt(heads[g], i, 5))
-                                  for i in range(2)])
+        plans = run_group(
+            sched, [make_req(f"{g}.{i}", shared_prompt(heads[g], i, 5)) for i in range(2)]
+        )
         assert all(p.evict == [] for p in plans)
     assert [e.seq_id for e in entries(sched)] == list(range(2, 10))
     assert sched.prefix_cache is not None and sched.prefix_cache.free_ids == []
@@ -473,3 +506,227 @@ def test_chunk_and_plan_basics() -> None:
     plan = Plan(chunks=[Chunk(r, 0, 2), Chunk(r, 2, 3)])
     assert plan.n_tokens == 3
     assert Plan().n_tokens == 0
+
+
+# -- finishing rules (the scheduler's postprocess) ------------------------------------------
+
+
+def step_once(sched: Scheduler, pick=next_token) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
+    plan = sched.schedule()
+    check_plan(sched, plan)
+    sched.postprocess(plan, decode(plan, pick))
+    return sched.take_outputs()
+
+
+def test_end_of_generation_stops_without_becoming_a_token() -> None:
+    sched = make_sched(slots=1, n_batch=64)
+    r = make_req(0, unique_prompt(0, 5), max_new=10)
+    sched.add(r)
+    step_once(sched)  # prompt -> first token
+    [out] = step_once(sched, pick=lambda req: EOG)
+    assert out.finished and out.request is r
+    assert r.finish_reason == "stop" and r.error is None
+    assert r.completion_tokens == 1 and r.generated() == [NEXT_TOKEN]
+    assert out.token_ids == [] and r.text == f"<{NEXT_TOKEN}>"
+    assert sched.schedule().free == [r.seq_id]  # its KV is dropped before the next decode
+
+
+def test_ignore_eos_keeps_generating_through_end_of_generation() -> None:
+    sched = make_sched(slots=1, n_batch=64)
+    r = make_req(0, unique_prompt(0, 5), max_new=3, ignore_eos=True)
+    sched.add(r)
+    run_to_end_picking(sched, lambda req: EOG)
+    assert r.finish_reason == "length" and r.generated() == [EOG] * 3
+
+
+def run_to_end_picking(sched: Scheduler, pick) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
+    outs: list[RequestOutput] = []
+    for _ in range(100):
+        if not sched.has_work:
+            return outs
+        outs.extend(step_once(sched, pick))
+    raise AssertionError("did not finish")
+
+
+def test_max_tokens_and_context_end_with_length() -> None:
+    sched = make_sched(slots=2, n_batch=64, n_ctx_seq=8)
+    by_tokens = make_req("tokens", unique_prompt(0, 3), max_new=2)
+    by_ctx = make_req("ctx", unique_prompt(1, 5), max_new=50)
+    sched.add(by_tokens)
+    sched.add(by_ctx)
+    run_to_end_picking(sched, next_token)
+    assert by_tokens.finish_reason == "length" and by_tokens.completion_tokens == 2
+    assert by_ctx.finish_reason == "length" and len(by_ctx.tokens) == 8  # its context is full
+
+
+def test_stop_string_across_tokens_ends_and_is_never_reported() -> None:
+    vocab = TableVocab({100: b"Hello", 101: b" ST", 102: b"O", 103: b"P!", 104: b" more"})
+    sched = make_sched(slots=1, n_batch=64, vocab=vocab)
+    r = make_req(0, unique_prompt(0, 4), max_new=20, stop=("STOP",))
+    sched.add(r)
+    script = iter([100, 101, 102, 103, 104])
+    outs = run_to_end_picking(sched, lambda req: next(script))
+    assert r.finish_reason == "stop" and r.text == "Hello "
+    # "ST", then "STO", are held back as the possible start of "STOP"; then cut.
+    assert [o.text for o in outs] == ["Hello", " ", "", ""]
+    assert "".join(o.text for o in outs) == r.text
+    assert [o.token_ids for o in outs] == [[100], [101], [102], [103]]
+    assert [o.finished for o in outs] == [False, False, False, True]
+
+
+def test_outputs_carry_each_new_token_once() -> None:
+    sched = make_sched(slots=2, n_batch=64)
+    reqs = [make_req(i, unique_prompt(i, 3 + i), max_new=4) for i in range(2)]
+    for r in reqs:
+        sched.add(r)
+    outs = run_to_end_picking(sched, next_token)
+    for r in reqs:
+        mine = [o for o in outs if o.request is r]
+        assert [t for o in mine for t in o.token_ids] == r.generated()
+        assert "".join(o.text for o in mine) == r.text
+        assert [o.finished for o in mine] == [False] * (len(mine) - 1) + [True]
+
+
+# -- abort and deadlines -------------------------------------------------------------------
+
+
+def test_abort_running_frees_slot_and_kv_and_leaves_the_others_alone() -> None:
+    sched = make_sched(slots=2, n_batch=64)
+    a, b, c = (make_req(n, unique_prompt(i, 5), max_new=6) for i, n in enumerate("abc"))
+    for r in (a, b, c):
+        sched.add(r)
+    step_once(sched)
+    b_seq = b.seq_id
+    assert sched.abort(b)
+    [out] = sched.take_outputs()
+    assert out.request is b and out.finished
+    assert b.finish_reason == "abort" and b.error is None and b.text == f"<{NEXT_TOKEN}>"
+    assert not sched.abort(b)  # already finished
+    plan = sched.schedule()
+    assert plan.free == [b_seq]  # dropped before the decode that gives the slot to c
+    assert c.seq_id == b_seq and c.status is Status.RUNNING
+    assert spans(plan) == [("a", 5, 6), ("c", 0, 5)]
+    advance(sched, plan)
+    run_to_end(sched)
+    assert a.generated() == [NEXT_TOKEN + k for k in range(6)]
+
+
+def test_abort_waiting_and_unknown() -> None:
+    sched = make_sched(slots=1, n_batch=64)
+    a, b = make_req("a", unique_prompt(0, 5)), make_req("b", unique_prompt(1, 5))
+    sched.add(a)
+    sched.add(b)
+    step_once(sched)
+    assert sched.abort(b)
+    assert list(sched.waiting) == []
+    assert [o.request for o in sched.take_outputs()] == [b]
+    assert b.finish_reason == "abort" and b.completion_tokens == 0
+    assert sched.schedule().free == []  # it never held KV
+    assert not sched.abort(make_req("never queued", [1, 2]))
+
+
+def test_deadline_aborts_waiting_and_running_requests() -> None:
+    sched = make_sched(slots=1, n_batch=64)
+    running = make_req("r", unique_prompt(0, 5))
+    running.deadline = 100.0
+    queued = make_req("q", unique_prompt(1, 5))
+    queued.deadline = 50.0
+    later = make_req("l", unique_prompt(2, 5))
+    later.deadline = 1000.0
+    for r in (running, queued, later):
+        sched.add(r)
+    step_once(sched)
+    sched.expire(now=10.0)
+    assert sched.take_outputs() == []
+    sched.expire(now=100.0)
+    done = {o.request.id for o in sched.take_outputs() if o.finished}
+    assert done == {"r", "q"}
+    for r in (running, queued):
+        assert r.finish_reason == "abort" and r.error == "deadline exceeded"
+    assert later.status is Status.WAITING
+    plan = sched.schedule()
+    assert later.status is Status.RUNNING and plan.free == [running.seq_id]
+
+
+# -- KV pressure ---------------------------------------------------------------------------
+
+
+def kv_cells(sched: Scheduler) -> int:
+    """Cells a pessimistic KV cache holds: every running request's computed tokens as
+    its own (shared prefix cells counted again per request), plus cached prefixes."""
+    held = sum(r.num_computed for r in sched.running)
+    if sched.prefix_cache is not None:
+        held += sum(e.num_computed for e in sched.prefix_cache.entries)
+    return held
+
+
+def run_with_kv(sched: Scheduler, capacity: int, max_steps: int = 2000) -> int:
+    """Run to the end on a simulated KV cache of `capacity` cells: a plan whose new
+    tokens do not fit fails as `llama_decode` returns 1, and the scheduler relieves."""
+    failures = 0
+    for _ in range(max_steps):
+        if not sched.has_work:
+            return failures
+        plan = sched.schedule()
+        check_plan(sched, plan)
+        if plan.chunks and kv_cells(sched) + plan.n_tokens > capacity:
+            sched.relieve()
+            failures += 1
+            continue
+        sched.postprocess(plan, decode(plan))
+        sched.take_outputs()
+    raise AssertionError(f"no end after {max_steps} steps ({failures} KV failures)")
+
+
+def test_kv_pressure_with_prefix_cache_ends_instead_of_rebuilding_the_same_entry() -> None:
+    sched = cache_sched(slots=4, n_batch=512)
+    first = [make_req(f"u{i}", unique_prompt(i, 60), max_new=40) for i in range(2)]
+    for r in first:
+        sched.add(r)
+    advance(sched, sched.schedule())
+    late = [make_req(i, shared_prompt(HEAD, i), max_new=10) for i in range(4)]
+    for r in late:
+        sched.add(r)
+    # The two running requests grow to 200 cells: no room for the late rows' shared
+    # head (100) beside them.  Dropping the entry alone would rebuild it next step.
+    failures = run_with_kv(sched, capacity=200)
+    assert failures > 0
+    assert all(r.finish_reason == "length" for r in first + late)
+    assert [r.completion_tokens for r in first + late] == [40, 40] + [10] * 4
+    assert sched.stats.kv_retries == failures
+    assert sched.stats.prompt_tokens == sum(r.num_prompt for r in first + late)
+
+
+def test_kv_pressure_relief_escalates_from_cache_to_preemption_to_error() -> None:
+    sched = cache_sched(slots=2, n_batch=512)
+    reqs = [make_req(i, shared_prompt(HEAD, i), max_new=5) for i in range(2)]
+    for r in reqs:
+        sched.add(r)
+    plan = sched.schedule()  # the shared head, as an entry of its own
+    assert entries(sched) and spans(plan) == [("prefix", 0, 100)]
+    sched.relieve()  # 1: drop cached prefixes, and make none until a request finishes
+    assert entries(sched) == []
+    plan = sched.schedule()
+    assert entries(sched) == [] and {c.owner for c in plan.chunks} == set(reqs)
+    sched.relieve()  # 2: preempt the newest
+    assert sched.running == [reqs[0]] and list(sched.waiting) == [reqs[1]]
+    assert sched.schedule().free == [reqs[1].seq_id]
+    sched.relieve()  # 3: one request left that cannot fit
+    [out] = sched.take_outputs()
+    assert out.request is reqs[0] and reqs[0].finish_reason == "error"
+    assert "KV cache" in (reqs[0].error or "")
+    assert sched.stats.kv_retries == 3
+
+
+def test_preempted_request_counts_its_prompt_once() -> None:
+    sched = make_sched(slots=2, n_batch=64)
+    reqs = [make_req(i, unique_prompt(i, 10), max_new=5) for i in range(2)]
+    for r in reqs:
+        sched.add(r)
+    step_once(sched)
+    assert sched.preempt() is reqs[1]
+    run_to_end(sched)
+    st = sched.stats
+    assert st.prompt_tokens == 20
+    assert st.prompt_tokens_evaluated == 30  # reqs[1]'s prompt was computed twice
+    assert all(r.completion_tokens == 5 for r in reqs)

@@ -83,7 +83,11 @@ def test_stop_spanning_piece_boundaries(pieces: list[bytes], text: str) -> None:
 def test_stop_beginning_in_earlier_text_truncates_it() -> None:
     stream = TextStream(("<|im_end|>",))
     assert feed_all(stream, [b"answer: 42", b"<|", b"im", b"_en", b"d|>", b"more"]) == [
-        False, False, False, False, True,
+        False,
+        False,
+        False,
+        False,
+        True,
     ]
     assert stream.close() == "answer: 42"
 
@@ -155,3 +159,68 @@ def test_empty_pieces_are_harmless() -> None:
     stream = TextStream(("ab",))
     assert feed_all(stream, [b"", b"a", b"", b"b"]) == [False, False, False, True]
     assert stream.close() == ""
+
+
+# -- deltas: take() ---------------------------------------------------------------------------
+
+
+def feed_taking(stream: TextStream, pieces: list[bytes]) -> list[str]:
+    """Feed pieces as the engine does, taking the safe delta after each; then close."""
+    deltas = []
+    for piece in pieces:
+        stopped = stream.feed(piece)
+        deltas.append(stream.take())
+        if stopped:
+            break
+    stream.close()
+    deltas.append(stream.take())
+    return deltas
+
+
+def test_take_holds_back_only_what_may_begin_a_stop_string() -> None:
+    stream = TextStream(("STOP",))
+    assert stream.feed(b"ab S") is False
+    assert stream.take() == "ab "  # "S" may begin "STOP"
+    stream.feed(b"T")
+    assert stream.take() == ""
+    stream.feed(b"x")
+    assert stream.take() == "STx"  # "STx" can no longer become "STOP"
+    assert stream.take() == ""
+
+
+def test_take_holds_back_an_incomplete_character() -> None:
+    stream = TextStream()
+    stream.feed(b"caf\xc3")
+    assert stream.take() == "caf"
+    stream.feed(b"\xa9!")
+    assert stream.take() == "é!"
+
+
+def test_take_releases_a_held_tail_when_the_stream_closes() -> None:
+    stream = TextStream(("</s>",))
+    stream.feed(b"done </")
+    assert stream.take() == "done "
+    assert stream.close() == "done </"
+    assert stream.take() == "</"
+
+
+def test_deltas_concatenate_to_the_final_text_and_never_leak_a_stop() -> None:
+    import random
+
+    rng = random.Random(7)
+    alphabet = ["a", "b", "S", "T", "O", "P", "\n", "é", "😀", "<", "|", ">"]
+    stops = [("STOP",), ("\n\n", "<|"), ("ab", "bab", "O"), ("😀é",), ()]
+    for _ in range(400):
+        stop = rng.choice(stops)
+        data = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))).encode()
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, 6))) if data else []
+        pieces = [data[i:j] for i, j in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        stream = TextStream(stop)
+        deltas = feed_taking(stream, pieces)
+        final = stream.close()
+        assert "".join(deltas) == final, (stop, pieces, deltas)
+        reference = TextStream(stop)
+        feed_all(reference, pieces)
+        assert reference.close() == final  # taking deltas does not change the result
+        for s in stop:
+            assert s not in final

@@ -142,7 +142,7 @@ def test_exit_codes_error_rows_and_max_errors(tmp_path):
     assert proc.returncode == 1, proc.stderr
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
     assert len(rows) == 5
-    assert "invalid JSON" in rows["3"]["error"]
+    assert "invalid JSON" in rows["#3"]["error"]
     assert rows["no-prompt"]["error"] and rows["no-prompt"]["finish_reason"] == "error"
     assert rows["row0"]["error"] is None
     tolerant = llamba(

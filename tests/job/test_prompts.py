@@ -9,15 +9,9 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llamba_cli.errors import ConfigError, RowError, TemplateError
-from llamba_cli.job import prompts
-from llamba_cli.job.prompts import (
-    PromptBuilder,
-    PromptFormat,
-    PromptSpec,
-    format_from_gguf,
-    list_formats,
-    load_format,
-)
+from llamba_cli.job import sandbox
+from llamba_cli.job.formats import PromptFormat, format_from_gguf, list_formats, load_format
+from llamba_cli.job.prompts import PromptBuilder, PromptSpec
 
 TWO_TURNS = [
     {"role": "user", "content": "Hi"},
@@ -306,7 +300,7 @@ def test_malformed_format_file_is_a_template_error(
 
 
 def test_missing_format_file_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="no such file"):
         load_format(str(tmp_path / "absent.toml"))
 
 
@@ -391,11 +385,11 @@ def test_malicious_template_cannot_call_module_functions(monkeypatch: pytest.Mon
         calls.append("called")
         return ""
 
-    monkeypatch.setattr(prompts, "sentinel", sentinel, raising=False)
+    monkeypatch.setattr(sandbox, "sentinel", sentinel, raising=False)
     payload = "{{ messages[0]['content'] }}{{ raise_exception.__globals__['sentinel']() }}"
-    # `raise_exception` is defined in the prompts module, so outside a sandbox its
+    # `raise_exception` is defined in the sandbox module, so outside a sandbox its
     # globals are that module's, sentinel included.
-    assert prompts._raise_exception.__globals__["sentinel"] is sentinel
+    assert sandbox._raise_exception.__globals__["sentinel"] is sentinel
 
     with pytest.raises(TemplateError, match="unsafe"):
         builder(format_from_gguf(payload))

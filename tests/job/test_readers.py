@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -46,13 +47,13 @@ def test_jsonl_streams_rows_with_ids_and_json_types(tmp_path: Path) -> None:
     assert list(source) == rows  # iterating again re-reads from the start
 
 
-def test_jsonl_without_id_column_uses_index(tmp_path: Path) -> None:
+def test_jsonl_without_id_column_uses_hash_and_position(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.ndjson", [{"prompt": "x"}, {"prompt": "y"}])
     source = open_input(path)
-    assert source.id_column is None
+    assert source.id_column == "id"
     assert [(row.id, row.data) for row in source] == [
-        ("0", {"prompt": "x"}),
-        ("1", {"prompt": "y"}),
+        ("#0", {"prompt": "x"}),
+        ("#1", {"prompt": "y"}),
     ]
 
 
@@ -62,21 +63,51 @@ def test_bad_json_lines_become_error_rows_and_the_stream_goes_on(tmp_path: Path)
         [{"id": "a", "p": 1}, "{not json", "[1, 2]", {"p": 3}, {"id": None}, {"id": "z", "p": 4}],
     )
     rows = list(open_input(path))
-    assert [row.id for row in rows] == ["a", "1", "2", "3", "4", "z"]
+    assert [row.id for row in rows] == ["a", "#1", "#2", "#3", "#4", "z"]
     assert rows[1].data is None and rows[1].error is not None
     assert rows[1].error.startswith("line 2: invalid JSON:")
     assert rows[2].data is None and rows[2].error == "line 3: expected a JSON object, got an array"
-    # a row without id keeps its data but is flagged
-    assert rows[3].data == {"p": 3} and rows[3].error == "missing id column 'id'"
-    assert rows[4].error == "missing id column 'id'"
+    # a row without an id (absent or null) is an ordinary row under its position
+    assert rows[3] == InputRow(3, "#3", {"p": 3}, None)
+    assert rows[4] == InputRow(4, "#4", {"id": None}, None)
     assert rows[5] == InputRow(5, "z", {"id": "z", "p": 4}, None)
 
 
-def test_jsonl_columns_come_from_the_first_parseable_object(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "in.jsonl", ["oops", {"key": 1, "text": "t"}])
+def test_ids_are_decided_per_row_and_never_collide(tmp_path: Path) -> None:
+    # A first row without an id does not switch the file to row numbers, and a row
+    # without an id never takes a real row's id.
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        ["not json", {"id": "0", "p": 1}, {"p": 2}, {"id": "", "p": 3}, {"id": "#2", "p": 4},
+         {"id": "#5", "p": 5}, {"id": "#007", "p": 6}],
+    )  # fmt: skip
+    rows = list(open_input(path))
+    assert [row.id for row in rows] == ["#0", "0", "#2", "#3", "#4", "#5", "#007"]
+    assert rows[4].error is not None and "#2" in rows[4].error  # someone else's #N
+    assert [row.error for row in rows[5:]] == [None, None]  # its own #N, or not of that form
+    assert len({row.id for row in rows}) == len(rows)
+
+
+def test_jsonl_columns_come_from_the_first_objects(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", ["oops", {"text": "t"}, {"key": 1, "text": "u"}])
     source = open_input(path, id_column="key")
-    assert source.columns == ["key", "text"]
-    assert [row.id for row in source] == ["0", "1"]
+    assert source.columns == ["text", "key"]
+    assert [row.id for row in source] == ["#0", "#1", "1"]
+
+
+def test_jsonl_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + orjson.dumps({"id": "a", "p": 1}) + b"\n")
+    source = open_input(path)
+    assert source.columns == ["id", "p"] and source.count_rows() == 1
+    assert list(source) == [InputRow(0, "a", {"id": "a", "p": 1}, None)]
+
+
+def test_json_array_file_is_refused_with_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "in.json"
+    path.write_text('[\n  {"id": 1, "prompt": "x"}\n]\n')
+    with pytest.raises(InputError, match=r"JSON array.*JSON Lines"):
+        open_input(path)
 
 
 def test_gzipped_jsonl(tmp_path: Path) -> None:
@@ -140,11 +171,10 @@ def test_parquet_streams_batches_and_formats_float_ids(tmp_path: Path) -> None:
     assert source.columns == ["id", "text", "meta"]
     assert source.count_rows() == 5
     rows = list(source)
-    assert [row.id for row in rows] == ["1", "2", "3.5", "3", "5"]
+    assert [row.id for row in rows] == ["1", "2", "3.5", "#3", "5"]
     assert [row.index for row in rows] == [0, 1, 2, 3, 4]
     assert rows[0].data == {"id": 1.0, "text": "a", "meta": {"k": 0}}
-    assert rows[3].error == "missing id column 'id'" and rows[3].data is not None
-    assert all(row.error is None for row in rows if row.index != 3)
+    assert all(row.error is None for row in rows)
 
 
 def test_parquet_custom_id_column(tmp_path: Path) -> None:
@@ -178,6 +208,22 @@ def test_csv_reads_values_as_written(tmp_path: Path) -> None:
     ]
 
 
+def test_csv_bad_records_become_error_rows(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'\xef\xbb\xbfid,prompt\n1,ok\n2,too,many\n\n3,\xff\xfe\n4,"two\nlines"\n5\n')
+    source = open_input(path)
+    assert source.columns == ["id", "prompt"]  # the byte order mark is not part of "id"
+    rows = list(source)
+    assert [(row.id, row.error) for row in rows] == [
+        ("1", None),
+        ("#1", "line 3: expected 2 cells, got 3"),
+        ("#2", "line 5: not valid UTF-8"),
+        ("4", None),
+        ("#4", "line 8: expected 2 cells, got 1"),
+    ]
+    assert rows[3].data == {"id": "4", "prompt": "two\nlines"}
+
+
 def test_csv_header_only_has_no_rows_and_gzip_works(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
     path.write_text("a,b\n")
@@ -202,6 +248,13 @@ def test_directory(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(InputError, match="is a directory"):
         open_input(folder)
+
+
+def test_fifo_is_refused_instead_of_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        open_input(fifo)
 
 
 def test_unknown_extension(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llamba_cli.errors import OutputError, ResumeError
-from llamba_cli.job.store import FINGERPRINT_KEY, OutputStore
+from llamba_cli.job.store import FINGERPRINT_KEY, OutputStore, preflight
 
 FP = {"model": "gemma-270m", "temperature": 0.0, "task": "generate"}
 
@@ -320,5 +322,86 @@ def test_write_failure_keeps_published_parts(out: Path) -> None:
     assert "\n" not in str(caught.value)
     blocked.rmdir()
     assert not any(p.name.endswith(".tmp") for p in work_dir(out).iterdir())
+    del store, caught  # the run dies here, without close()
+    gc.collect()
     again = OutputStore(out, fingerprint=FP)
     assert again.is_done("0") and not again.is_done("1")
+
+
+# -- one run at a time, and a schema that depends on the job only ------------------------
+
+
+def test_second_store_on_the_same_output_is_refused_naming_the_holder(out: Path) -> None:
+    first = OutputStore(out, fingerprint=FP, flush_rows=1)
+    first.write(row("a"))
+    with pytest.raises(OutputError, match=rf"another llamba run \(pid {os.getpid()}\)"):
+        OutputStore(out, fingerprint=FP)
+    with pytest.raises(OutputError, match="another llamba run"):
+        preflight(out, fingerprint=FP)
+    first.close()
+    again = OutputStore(out, fingerprint=FP)  # released by close()
+    assert again.done_count == 1
+    again.finalize()
+    assert not (out.parent / f".{out.name}.llamba.lock").exists()
+
+
+def test_output_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="not a regular file"):
+        OutputStore(fifo, fingerprint=FP)
+
+
+SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("error", pa.string())])
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[], [row(1), row(2)], [row(1, "bad"), row(2, "bad")]],
+    ids=["no-rows", "no-errors", "all-errors"],
+)
+def test_parquet_schema_is_the_jobs_whatever_the_rows(tmp_path: Path, rows: list) -> None:
+    out = tmp_path / "out.parquet"
+    store = OutputStore(out, fingerprint=FP, schema=SCHEMA)
+    for r in rows:
+        store.write(r)
+    store.finalize()
+    assert pq.read_schema(out).remove_metadata() == SCHEMA
+    assert pq.read_table(out).num_rows == len(rows)
+
+
+def test_shard_outputs_read_together(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    for i, rows in enumerate([[row(1)], [row(2, "bad")], []]):
+        store = OutputStore(folder / f"s{i}.parquet", fingerprint=FP, schema=SCHEMA)
+        for r in rows:
+            store.write(r)
+        store.finalize()
+    for hidden in folder.glob(".*"):
+        hidden.unlink()  # the sidecars
+    assert sorted(pq.read_table(folder).column("id").to_pylist()) == ["1", "2"]
+
+
+def test_values_that_do_not_fit_a_string_column_are_stored_as_json(tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    schema = SCHEMA.append(pa.field("kept", pa.string()))
+    store = OutputStore(out, fingerprint=FP, schema=schema)
+    store.write(row(1, kept={"a": [1, 2]}))
+    store.write(row(2, kept="plain"))
+    store.finalize()
+    assert pq.read_table(out).column("kept").to_pylist() == ['{"a":[1,2]}', "plain"]
+
+
+def test_preflight_finds_what_open_would_refuse(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"id": 1}\n')
+    with pytest.raises(ResumeError, match="not produced by llamba"):
+        preflight(foreign, fingerprint=FP)
+    preflight(foreign, fingerprint=FP, overwrite=True)
+    with pytest.raises(OutputError, match="unknown output format"):
+        preflight(tmp_path / "out.txt", fingerprint=FP)
+    store = OutputStore(tmp_path / "out.jsonl", fingerprint=FP)
+    store.write(row(1))
+    store.close()
+    with pytest.raises(ResumeError, match="different job"):
+        preflight(tmp_path / "out.jsonl", fingerprint={**FP, "task": "classify"})

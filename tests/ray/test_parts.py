@@ -14,8 +14,9 @@ from llamba_cli.job.ray_data.parts import MANIFEST, PartFolder
 FP = {"task": "generate", "model": {"name": "m.gguf"}, "seed": 0}
 
 
-def part(ids: list[str], errors: list[str | None], **extra: list) -> pa.Table:
-    return pa.table({"id": ids, "text": ["t"] * len(ids), "error": errors, **extra})
+def part(ids: list[str], errors: list[str | None]) -> pa.Table:
+    """A block as actors return it: every part has the job's schema (typed `error`)."""
+    return pa.table({"id": ids, "text": ["t"] * len(ids), "error": pa.array(errors, pa.string())})
 
 
 def write(folder: PartFolder, table: pa.Table) -> None:
@@ -30,6 +31,7 @@ def test_parts_read_back_as_one_table_and_resume_skips_them(tmp_path):
     write(folder, part(["a", "b"], [None, None]))
     write(folder, part(["c"], [None]))
     (out / ".part-000002.parquet.tmp").write_bytes(b"half a part")  # a killed writer
+    folder.close()
     again = PartFolder(out, fingerprint=FP)
     assert again.done_count == 3 and again.is_done("c") and not again.is_done("d")
     assert not (out / ".part-000002.parquet.tmp").exists()
@@ -43,11 +45,14 @@ def test_parts_read_back_as_one_table_and_resume_skips_them(tmp_path):
 
 def test_a_different_job_or_a_file_at_the_path_is_refused(tmp_path):
     out = tmp_path / "out.parquet"
-    write(PartFolder(out, fingerprint=FP), part(["a"], [None]))
+    first = PartFolder(out, fingerprint=FP)
+    write(first, part(["a"], [None]))
+    first.close()
     with pytest.raises(ResumeError, match=r"different job \(changed: seed\)"):
         PartFolder(out, fingerprint={**FP, "seed": 1})
     fresh = PartFolder(out, fingerprint={**FP, "seed": 1}, overwrite=True)
     assert fresh.done_count == 0 and not list(out.glob("part-*"))
+    fresh.close()
 
     single = tmp_path / "local.parquet"
     single.write_bytes(b"a local run's file")
@@ -69,7 +74,10 @@ def test_retried_error_rows_replace_their_old_rows(tmp_path):
     lines = [{"id": "a", "error": "boom"}, {"id": "b", "error": None}]
     payload = b"".join(orjson.dumps(row) + b"\n" for row in lines)
     folder.write_part(["a", "b"], np.array([True, False]), payload)
-    assert PartFolder(out, fingerprint=FP).is_done("a")  # without --retry-errors: done
+    folder.close()
+    plain = PartFolder(out, fingerprint=FP)
+    assert plain.is_done("a")  # without --retry-errors: done
+    plain.close()
     retry = PartFolder(out, fingerprint=FP, retry_errors=True)
     assert not retry.is_done("a") and retry.is_done("b")
     retry.write_part(["a"], np.array([False]), orjson.dumps({"id": "a", "error": None}) + b"\n")
@@ -78,15 +86,11 @@ def test_retried_error_rows_replace_their_old_rows(tmp_path):
     assert sorted((r["id"], r["error"]) for r in rows) == [("a", None), ("b", None)]
 
 
-def test_finish_gives_every_part_one_schema(tmp_path):
+def test_one_run_at_a_time(tmp_path):
     out = tmp_path / "out.parquet"
     folder = PartFolder(out, fingerprint=FP)
-    # A kept column all null in one block and text in the next: null type vs string.
-    write(folder, part(["a"], [None], note=pa.nulls(1)))
-    write(folder, part(["b"], [None], note=["x"]))
-    folder.finish()
-    schemas = {pq.read_schema(p).remove_metadata() for p in out.glob("part-*.parquet")}
-    assert len(schemas) == 1
-    table = pq.read_table(out)
-    assert table.schema.field("note").type == pa.string()
-    assert sorted(table.column("note").to_pylist(), key=str) == [None, "x"]
+    with pytest.raises(OutputError, match="being written by another llamba run"):
+        PartFolder(out, fingerprint=FP)
+    folder.close()
+    assert not (tmp_path / ".out.parquet.llamba.lock").exists()
+    PartFolder(out, fingerprint=FP).close()

@@ -66,7 +66,7 @@ def prompts_file(path: Path, n: int = 40) -> list[str]:
     for i in range(n):
         if i == 13:
             lines.append(b"{this is not json")
-            ids.append("13")
+            ids.append("#13")
         elif i == 27:
             lines.append(orjson.dumps({"id": f"g{i:02d}", "topic": "no prompt here"}))
             ids.append(f"g{i:02d}")
@@ -103,7 +103,7 @@ def test_generate_40_rows_through_two_actors(cluster, tmp_path):
     assert sorted(rows) == sorted(ids)
     errors = {i: row["error"] for i, row in rows.items() if row["error"] is not None}
     assert errors == {i: row["error"] for i, row in local_rows.items() if row["error"]}
-    assert set(errors) == {"13", "g27"}
+    assert set(errors) == {"#13", "g27"}
     assert all(rows[i]["finish_reason"] == "error" and rows[i]["text"] is None for i in errors)
     assert all(row["completion_tokens"] > 0 for i, row in rows.items() if i not in errors)
     assert ray.data.read_parquet(str(ray_out)).count() == 40  # the manifest is not read
@@ -239,7 +239,7 @@ def test_a_uri_input_is_read_by_ray_data(cluster, tmp_path):
     parquet = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"]}), parquet)
     source = RayDataSource(f"file://{parquet}", None)
-    assert [(r.id, r.data) for r in source] == [("0", {"prompt": "a"}), ("1", {"prompt": "b"})]
+    assert [(r.id, r.data) for r in source] == [("#0", {"prompt": "a"}), ("#1", {"prompt": "b"})]
 
 
 def test_python_api_on_an_in_memory_dataset(cluster):

@@ -11,7 +11,8 @@ this package, so the base install works without Ray.
 
 from llamba_cli.job.ray_data.actor import EngineActor
 from llamba_cli.job.ray_data.api import job_spec, map_dataset
+from llamba_cli.job.ray_data.options import RayOptions
 from llamba_cli.job.ray_data.parts import PartFolder
-from llamba_cli.job.ray_data.runner import RayOptions, run_ray_job
+from llamba_cli.job.ray_data.runner import run_ray_job
 
 __all__ = ["EngineActor", "PartFolder", "RayOptions", "job_spec", "map_dataset", "run_ray_job"]

@@ -3,8 +3,8 @@
 Each call takes one batch of rows and streams it through the engine (continuous
 batching over the batch, `--slots` sequences at a time), then returns the output
 rows in the batch's order.  Rows become requests and finished requests become output
-rows through the job layer's own code (`Job`, `_ResultWriter`), so the columns and
-the per-row error handling are those of a local run.
+rows through the job layer's own code (`Job` and its `writer`), so the columns, their
+types (`Job.output_schema`) and the per-row error handling are those of a local run.
 
 A batch arrives in one of two shapes: rows the driver read with llamba's own reader
 (`ROW_COLUMN`: each row pickled, ids and read errors already set), or a Ray user's
@@ -27,10 +27,12 @@ import pyarrow as pa
 
 from llamba_cli.engine import Engine
 from llamba_cli.errors import ConfigError, LlambaError
-from llamba_cli.job.execute import Job, JobSummary, NoProgress, _ResultWriter
-from llamba_cli.job.readers import InputRow, InputSource, _resolve_id_column
+from llamba_cli.job.columns import rows_to_table
+from llamba_cli.job.execute import Job
+from llamba_cli.job.readers import InputRow, InputSource
 from llamba_cli.job.spec import JobSpec
-from llamba_cli.job.store import _column_array, _json_line
+from llamba_cli.job.store import json_line
+from llamba_cli.job.summary import JobSummary, NoProgress
 
 if TYPE_CHECKING:
     from llamba_cli.job.store import OutputStore
@@ -68,12 +70,12 @@ class BatchSource(InputSource):
     format = "parquet"  # not read from a file; the name only satisfies the base class
 
     def __init__(self, columns: Sequence[str], id_column: str | None) -> None:
-        # The base class opens a file; a batch has its columns given instead.
-        self.path = Path("<ray dataset>")
-        self.batch_rows = 0
-        self.columns = list(columns)
-        self.id_column = _resolve_id_column(self.path, self.columns, id_column)
+        self._given = list(columns)
+        super().__init__(Path("<ray dataset>"), id_column=id_column, batch_rows=0)
         self.rows: list[InputRow] = []
+
+    def _read_columns(self) -> list[str]:
+        return self._given  # a batch has its columns given, not read from a file
 
     def count_rows(self) -> int | None:
         return len(self.rows)
@@ -105,7 +107,9 @@ class EngineActor:
 
     `spec` is the job (its input and output are not used); `columns` and `id_column`
     describe the batches; `output_format` is "parquet" (typed Arrow columns, also for
-    a returned dataset) or "jsonl" (each row also as its JSON line); `threads` the
+    a returned dataset) or "jsonl" (each row also as its JSON line); `schema` the
+    output's schema when the driver knows it better (the types of kept columns of a
+    Parquet input), else the job's own; `threads` the
     engine's CPU threads; `fingerprint`, when given, must match this actor's model,
     so a node with a different model file at the same path stops the job; `files`
     carries the job's small files (`pack_files`) to nodes that do not have them.
@@ -118,6 +122,7 @@ class EngineActor:
         id_column: str | None,
         *,
         output_format: str = "parquet",
+        schema: pa.Schema | None = None,
         threads: int | None = None,
         fingerprint: dict[str, Any] | None = None,
         files: dict[str, tuple[str, bytes]] | None = None,
@@ -127,12 +132,14 @@ class EngineActor:
         self._internal = internal_columns
         self._format = output_format
         try:
-            threads = threads or spec.threads or _assigned_cpus()
+            threads = threads or _assigned_cpus()
             # Rows were selected (shard, limit, duplicates, done) before they got here.
-            spec = dataclasses.replace(spec, threads=threads, shard=None, limit=None)
+            engine = dataclasses.replace(spec.engine, n_threads=threads)
+            spec = dataclasses.replace(spec, engine=engine, shard=None, limit=None)
             spec = unpack_files(spec, files or {})
             self._source = BatchSource(columns, id_column)
             self.job = Job(spec, source=self._source)
+            self._schema = schema if schema is not None else self.job.output_schema()
             if fingerprint is not None and self.job.fingerprint["model"] != fingerprint["model"]:
                 raise ConfigError(
                     f"the model file {self.job.model_path} differs from the driver's"
@@ -155,7 +162,7 @@ class EngineActor:
         store = _Collected(self._format)
         summary = JobSummary(task=self.job.spec.task, output=None)
         # `_Collected` has the part of OutputStore that the writer uses.
-        writer = _ResultWriter(self.job, cast("OutputStore", store), summary, NoProgress())
+        writer = self.job.writer(cast("OutputStore", store), summary, NoProgress())
         before = (
             self.engine.stats.prompt_tokens_evaluated,
             self.engine.stats.prompt_tokens_reused,
@@ -173,11 +180,11 @@ class EngineActor:
                     "completion_tokens": pa.array(
                         [row.get("completion_tokens", 0) for row in out], pa.int64()
                     ),
-                    JSONL_COLUMN: pa.array([_json_line(row) for row in out], pa.binary()),
+                    JSONL_COLUMN: pa.array([json_line(row) for row in out], pa.binary()),
                 }
             )
         else:
-            table = result_table(store.rows, self.job)
+            table = rows_to_table(store.rows, self._schema)
         if self._internal:
             n = table.num_rows
             evaluated = self.engine.stats.prompt_tokens_evaluated - before[0]
@@ -225,45 +232,6 @@ def unpack_files(spec: JobSpec, files: dict[str, tuple[str, bytes]]) -> JobSpec:
         target.write_bytes(data)
         changes[key] = str(target)
     return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
-
-
-def result_table(rows: list[dict[str, Any]], job: Job) -> pa.Table:
-    """Output rows as an Arrow table, with the job's own column types where known.
-
-    Fixed types keep every block's schema the same (a block whose `error` is all
-    null would otherwise get a null-typed column); kept input columns are inferred.
-    """
-    names = list(rows[0]) if rows else list(result_types(job))
-    types = result_types(job)
-    columns = []
-    for name in names:
-        values = [row.get(name) for row in rows]
-        kind = types.get(name)
-        columns.append(pa.array(values, kind) if kind is not None else _column_array(values))
-    return pa.Table.from_arrays(columns, names=names)
-
-
-def result_types(job: Job) -> dict[str, pa.DataType]:
-    """The Arrow type of each result column the job layer writes."""
-    spec = job.spec
-    types: dict[str, pa.DataType] = {"id": pa.string()}
-    if spec.n > 1:
-        types["sample"] = pa.int64()
-    if job.labels is None:
-        types["text"] = pa.string()
-        constraint = job.constraint
-        if constraint is not None and constraint.is_json:
-            types["json"] = constraint.json_type or pa.string()
-        types.update(
-            finish_reason=pa.string(), prompt_tokens=pa.int64(), completion_tokens=pa.int64()
-        )
-    else:
-        types.update(label=pa.string(), confidence=pa.float64())
-        types.update({f"p_{label}": pa.float64() for label in job.labels})
-        types.update({f"logprob_{label}": pa.float64() for label in job.labels})
-        types["prompt_tokens"] = pa.int64()
-    types["error"] = pa.string()
-    return types
 
 
 def encode_rows(rows: list[InputRow]) -> pa.Table:

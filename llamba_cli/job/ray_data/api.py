@@ -44,7 +44,7 @@ def map_dataset(
     `ds` needs an id column (`id`, or the job's `id_column`) of unique ids: ids are
     how results are matched to inputs (as in a local run, a row whose id repeats one
     earlier in its batch is dropped).  `actors` engines run at once, each with
-    `threads_per_actor` CPUs (default: the job's `threads`, else 1) and one `Engine`
+    `threads_per_actor` CPUs (default 1; also its llama.cpp threads) and one `Engine`
     built when the actor starts; each call streams `batch_rows` rows (default 8 per
     slot) through it.  Parallelism also follows `ds`'s blocks: an actor takes whole
     blocks.  Actors hold their CPUs while the dataset runs, so leave CPUs free for
@@ -59,7 +59,7 @@ def map_dataset(
     spec = actor_model_spec(spec)
     columns = list(ds.columns() or [])
     source = BatchSource(columns, spec.id_column)
-    if source.id_column is None:
+    if source.id_column not in columns:
         raise ConfigError(
             f"the dataset needs an id column: 'id' or id_column (columns: {', '.join(columns)})"
         )
@@ -67,7 +67,9 @@ def map_dataset(
     checked.model.close()
     if actors < 1:
         raise ConfigError(f"actors must be >= 1, got {actors}")
-    threads = threads_per_actor or spec.threads or 1
+    if threads_per_actor is not None and threads_per_actor < 1:
+        raise ConfigError(f"threads_per_actor must be >= 1, got {threads_per_actor}")
+    threads = threads_per_actor or 1
     return ds.map_batches(
         EngineActor,
         fn_constructor_kwargs={
@@ -75,6 +77,7 @@ def map_dataset(
             "columns": columns,
             "id_column": source.id_column,
             "output_format": "parquet",
+            "schema": checked.output_schema(),
             "threads": threads,
             "fingerprint": checked.fingerprint,
             "files": pack_files(spec),

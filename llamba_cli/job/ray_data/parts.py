@@ -9,15 +9,15 @@ Only the driver writes here, one part per output block as it arrives, so a part 
 exists is complete and holds ids no other part holds (ids are deduplicated before
 any row runs).  Names starting with `_` or `.` are skipped by Arrow's and Ray's
 dataset readers, so `pq.read_table(folder)` and `ray.data.read_parquet(folder)` read
-the parts as one table.  When the job finishes, parts whose inferred column types
-differ (a column all null in one block, say) are rewritten with the common schema,
-so those readers agree on one.
+the parts as one table: every Parquet part has the job's output schema
+(`Job.output_schema`), so those readers agree on one.
 
 Opening a folder decides what is already done, as `OutputStore` does for a file:
 the ids of every part count as done unless their newest row is an error and
 `retry_errors` is set.  Such a retried id is written again in a later part, and
 `finish` drops its older rows.  A folder made for another job (a different
-fingerprint) is refused unless `overwrite`.
+fingerprint) is refused unless `overwrite`.  One run at a time: the folder is
+locked as a local output is (`OutputLock`, `.<name>.llamba.lock` beside it).
 """
 
 from __future__ import annotations
@@ -34,37 +34,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llamba_cli.errors import OutputError, ResumeError
-from llamba_cli.job.store import (
-    _atomic_write,
-    _changed_keys,
-    _conform,
-    _contains,
-    _fsync_dir,
-    _fsync_file,
-    _hash_many,
-    _hash_one,
-    _jsonl_ids,
-    _newest_per_id,
-    _normalized,
-    _parquet_ids,
-    _unified_schema,
-)
+from llamba_cli.job.durable import OutputLock, atomic_write, fsync_dir, fsync_file
+from llamba_cli.job.ids import StoredIds, contains, id_hash, id_hashes
+from llamba_cli.job.store import check_fingerprint
+from llamba_cli.job.store import output_format as _output_format
 
 MANIFEST = "_llamba.manifest"
-_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _RERUN_HINT = "rerun with --overwrite or choose another output path"
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2
 
 
 def output_format(path: str | Path) -> str:
     """`parquet` or `jsonl`, from the output path's extension; OutputError otherwise."""
-    fmt = _FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise OutputError(f"cannot write '{path}': unknown output format (use .parquet or .jsonl)")
-    return fmt
+    return _output_format(Path(path))
 
 
 class PartFolder:
-    """The output folder of one job: `is_done`, `write_part`, `finish`.
+    """The output folder of one job: `is_done`, `write_part`, `finish`, `close`.
 
     Failures to read or write raise `OutputError` naming the folder.
     """
@@ -76,28 +62,36 @@ class PartFolder:
         fingerprint: dict[str, Any],
         overwrite: bool = False,
         retry_errors: bool = False,
+        id_field: str = "id",
     ) -> None:
         self.path = Path(path)
         self.format = output_format(self.path)
-        self.fingerprint = _normalized(fingerprint)
+        self.fingerprint = fingerprint
         self.retry_errors = retry_errors
-        self._files: list[Path] = []  # the parts, in order, and per part ...
-        self._hashes: list[np.ndarray] = []  # ... its id hashes ...
-        self._errors: list[np.ndarray] = []  # ... and which rows are errors
+        self._files: list[Path] = []  # the parts, in order, ...
+        self._rows: list[int] = []  # ... the rows of each
+        self._ids = StoredIds(id_field)  # their rows' id hashes and error flags
         self._next = 0
-        self._stored = _EMPTY
-        self._done = _EMPTY
+        self._lock: OutputLock | None = None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = OutputLock(
+                self.path.with_name(f".{self.path.name}.llamba.lock"), self.path
+            )
             self._open(overwrite)
         except OSError as e:
+            self.close()
             raise OutputError(f"cannot open '{self.path}': {e.strerror or e}") from None
-        self.done_count = len(self._done)
+        except BaseException:
+            self.close()
+            raise
+        self.done_count = len(self._ids.done)
 
     # -- public API -----------------------------------------------------------------
 
     def is_done(self, row_id: str) -> bool:
         """Whether the id was stored (without error, with `retry_errors`) at open."""
-        return _contains(self._done, _hash_one(row_id))
+        return contains(self._ids.done, id_hash(row_id))
 
     def write_part(self, ids: list[str], errors: np.ndarray, payload: pa.Table | bytes) -> None:
         """Publish one block: a table (Parquet) or JSON lines (JSONL), atomically."""
@@ -106,47 +100,51 @@ class PartFolder:
         try:
             if isinstance(payload, pa.Table):
                 pq.write_table(payload, tmp)
-                _fsync_file(tmp)
+                fsync_file(tmp)
             else:
                 with open(tmp, "wb") as stream:
                     stream.write(payload)
                     stream.flush()
                     os.fsync(stream.fileno())
             os.replace(tmp, part)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write '{part}': {e.strerror or e}") from None
         except pa.ArrowException as e:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write '{part}': {e}") from None
-        hashes = _hash_many(ids)
+        hashes = id_hashes(ids)
         if (
             self.retry_errors
             and not self._manifest.get("may_supersede")
-            and any(_contains(self._stored, int(h)) for h in hashes)
+            and any(contains(self._ids.stored, int(h)) for h in hashes)
         ):
             self._write_manifest(may_supersede=True)
         self._files.append(part)
-        self._hashes.append(hashes)
-        self._errors.append(np.asarray(errors, bool))
+        self._rows.append(len(ids))
+        self._ids.add(hashes, np.asarray(errors, bool))
         self._next += 1
 
     def finish(self) -> tuple[int, int]:
-        """Settle the folder once every row is written: drop superseded rows, give all
-        Parquet parts one schema, record the totals.  Returns (rows, errors)."""
+        """Settle the folder once every row is written: drop superseded rows and record
+        the totals.  Returns (rows, errors)."""
         try:
             if self._manifest.get("may_supersede"):
                 self._drop_superseded()
-            if self.format == "parquet":
-                self._unify_schemas()
-            hashes, errors = self._index()
+            hashes, errors = self._ids.all()
             rows, n_errors = len(hashes), int(errors.sum())
             finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self._write_manifest(finished=finished, rows=rows, errors=n_errors)
         except OSError as e:
             raise OutputError(f"cannot write '{self.path}': {e.strerror or e}") from None
         return rows, n_errors
+
+    def close(self) -> None:
+        """Release the folder's lock (what was written stays)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- opening --------------------------------------------------------------------
 
@@ -189,111 +187,84 @@ class PartFolder:
             self._write_manifest()
             return
         self._manifest = manifest
-        stored = manifest.get("fingerprint")
-        if stored != self.fingerprint:
-            changed = ", ".join(_changed_keys(stored, self.fingerprint))
-            raise ResumeError(
-                f"'{self.path}' was produced by a different job (changed: {changed}); {_RERUN_HINT}"
-            )
+        check_fingerprint(self.path, manifest.get("fingerprint"), self.fingerprint)
         for stray in self.path.glob(".part-*.tmp"):
             stray.unlink()  # a part whose writer was killed
         parts = self._parts()
         for part in parts:
-            chunks = _parquet_ids(part) if self.format == "parquet" else _jsonl_ids(part)
-            ids: list[str] = []
-            flags: list[np.ndarray] = []
-            for chunk_ids, chunk_errors in chunks:
-                ids.extend(chunk_ids)
-                flags.append(chunk_errors)
             self._files.append(part)
-            self._hashes.append(_hash_many(ids))
-            self._errors.append(np.concatenate(flags) if flags else np.zeros(0, bool))
+            self._ids.add_file(part, self.format)  # OutputError on an unreadable part
+            self._rows.append(_count_rows(part, self.format))
         self._next = _number(parts[-1]) + 1 if parts else 0
         if "finished" in manifest:
             self._write_manifest(finished=None)
-        hashes, errors = self._index()
-        if len(hashes):
-            unique, first_in_reverse = np.unique(hashes[::-1], return_index=True)
-            latest_error = errors[::-1][first_in_reverse]
-            self._stored = unique
-            self._done = unique[~latest_error] if self.retry_errors else unique
+        self._ids.freeze(self.retry_errors)
 
     # -- finishing ------------------------------------------------------------------
 
     def _drop_superseded(self) -> None:
         """Keep only the newest row of each id; rewrite (or remove) older parts."""
-        keep = _newest_per_id(self._index()[0])
+        keep = self._ids.newest_per_id()
+        hashes, errors = self._ids.all()
+        kept_ids = StoredIds(self._ids.id_field)
+        kept_files: list[Path] = []
+        kept_rows: list[int] = []
         position = 0
-        kept_parts: list[int] = []
-        for i, part in enumerate(self._files):
-            n = len(self._hashes[i])
+        for part, n in zip(self._files, self._rows, strict=True):
             mask = keep[position : position + n]
+            rows = slice(position, position + n)
             position += n
-            if mask.all():
-                kept_parts.append(i)
-                continue
             if not mask.any():
                 part.unlink()
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
                 continue
-            if self.format == "parquet":
-                table = pq.read_table(part).filter(pa.array(mask))
-                self._replace(part, lambda tmp, t=table: pq.write_table(t, tmp))
-            else:
-                lines = [ln for ln in part.read_bytes().splitlines(keepends=True) if ln.strip()]
-                kept = b"".join(line for line, k in zip(lines, mask, strict=True) if k)
-                self._replace(part, lambda tmp, data=kept: tmp.write_bytes(data))
-            self._hashes[i] = self._hashes[i][mask]
-            self._errors[i] = self._errors[i][mask]
-            kept_parts.append(i)
-        self._files = [self._files[i] for i in kept_parts]
-        self._hashes = [self._hashes[i] for i in kept_parts]
-        self._errors = [self._errors[i] for i in kept_parts]
+            if not mask.all():
+                if self.format == "parquet":
+                    table = pq.read_table(part).filter(pa.array(mask))
+                    self._replace(part, lambda tmp, t=table: pq.write_table(t, tmp))
+                else:
+                    lines = [ln for ln in part.read_bytes().splitlines(keepends=True) if ln.strip()]
+                    kept = b"".join(line for line, k in zip(lines, mask, strict=True) if k)
+                    self._replace(part, lambda tmp, data=kept: tmp.write_bytes(data))
+            kept_ids.add(hashes[rows][mask], errors[rows][mask])
+            kept_files.append(part)
+            kept_rows.append(int(mask.sum()))
+        kept_ids.freeze(self.retry_errors)
+        self._files, self._rows, self._ids = kept_files, kept_rows, kept_ids
         self._write_manifest(may_supersede=None)
-
-    def _unify_schemas(self) -> None:
-        parts = self._files
-        if not parts:
-            return
-        schemas = [pq.read_schema(part) for part in parts]
-        target, as_text = _unified_schema(schemas)
-        for part, schema in zip(parts, schemas, strict=True):
-            if schema.remove_metadata() == target and not as_text:
-                continue
-            table = _conform(pq.read_table(part), target, as_text)
-            self._replace(part, lambda tmp, t=table: pq.write_table(t, tmp))
 
     def _replace(self, part: Path, write: Any) -> None:
         tmp = self.path / f".{part.name}.tmp"
         try:
             write(tmp)
-            _fsync_file(tmp)
+            fsync_file(tmp)
             os.replace(tmp, part)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     # -- helpers --------------------------------------------------------------------
 
     def _parts(self) -> list[Path]:
         return sorted(self.path.glob(f"part-*.{self.format}"), key=_number)
 
-    def _index(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._hashes:
-            return _EMPTY, np.zeros(0, bool)
-        return np.concatenate(self._hashes), np.concatenate(self._errors)
-
     def _write_manifest(self, **changes: Any) -> None:
         self._manifest.update(changes)
         self._manifest = {k: v for k, v in self._manifest.items() if v is not None}
-        _atomic_write(
-            self.path / MANIFEST, orjson.dumps(self._manifest, option=orjson.OPT_INDENT_2)
+        atomic_write(
+            self.path / MANIFEST, orjson.dumps(self._manifest, default=str, option=_JSON_OPTIONS)
         )
-
-
-_EMPTY = np.zeros(0, np.uint64)
 
 
 def _number(part: Path) -> int:
     return int(part.name.split(".", 1)[0].removeprefix("part-"))
+
+
+def _count_rows(part: Path, fmt: str) -> int:
+    """The rows of one part: from its footer, or its non-blank lines."""
+    if fmt == "parquet":
+        with pq.ParquetFile(part) as parquet:
+            return int(parquet.metadata.num_rows)
+    with open(part, "rb") as stream:
+        return sum(1 for line in stream if line.strip())

@@ -18,12 +18,11 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from llamba_cli.errors import ConfigError, LlambaError
-from llamba_cli.job.execute import Job, JobSummary, NoProgress, ProgressSink, write_metrics
+from llamba_cli.job.execute import Job
 from llamba_cli.job.models import resolve_model_path
 from llamba_cli.job.ray_data.actor import (
     EVALUATED_COLUMN,
@@ -36,38 +35,17 @@ from llamba_cli.job.ray_data.actor import (
     pack_files,
     reraise_actor_failure,
 )
+from llamba_cli.job.ray_data.options import RayOptions
 from llamba_cli.job.ray_data.parts import PartFolder, output_format
-from llamba_cli.job.readers import InputRow, InputSource, _resolve_id_column
+from llamba_cli.job.readers import InputRow, InputSource
 from llamba_cli.job.spec import JobSpec
+from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_metrics
 
 if TYPE_CHECKING:
     from llamba_cli.job.store import OutputStore
 
 INSTALL_HINT = "--ray needs Ray Data: pip install 'llamba[ray]'"
 BLOCKS_PER_SLOT = 8  # default block: 8 rows per slot keeps the engine full past its tail
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide a job runs on Ray.
-
-    `address`: None starts a local Ray instance (or joins $RAY_ADDRESS), "auto" joins
-    the cluster this machine belongs to, "ray://host:10001" a remote one.  `actors`
-    engines run at once, each with `threads_per_actor` CPUs (also its llama.cpp
-    threads).  `block_rows` rows make one block: one actor call and one output part.
-    """
-
-    address: str | None = None
-    actors: int | None = None
-    threads_per_actor: int | None = None
-    block_rows: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("actors", "threads_per_actor", "block_rows"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be >= 1, got {value}")
 
 
 def import_ray() -> Any:
@@ -113,7 +91,7 @@ def actor_model_spec(spec: JobSpec) -> JobSpec:
 
 
 def default_block_rows(spec: JobSpec) -> int:
-    return max(16, BLOCKS_PER_SLOT * spec.slots)
+    return max(16, BLOCKS_PER_SLOT * spec.engine.slots)
 
 
 def run_ray_job(
@@ -130,6 +108,7 @@ def run_ray_job(
     spec = actor_model_spec(spec)
     uri = _is_uri(spec.input)
     owned = not ray.is_initialized()  # joined here, so left here (not a caller's session)
+    folder: PartFolder | None = None
     try:
         if uri:
             connect(options.address)  # Ray Data reads the input
@@ -164,6 +143,8 @@ def run_ray_job(
             raise LlambaError(f"the Ray job failed: {_first_line(e)}") from None
         raise
     finally:
+        if folder is not None:
+            folder.close()
         if owned and ray.is_initialized():
             ray.shutdown()
     summary.errors_fail = spec.max_errors is None and summary.errors > 0
@@ -206,6 +187,7 @@ def _map_blocks(
             "columns": job.source.columns,
             "id_column": job.source.id_column,
             "output_format": fmt,
+            "schema": job.output_schema(),
             "threads": threads,
             "fingerprint": job.fingerprint,
             "files": pack_files(spec),
@@ -246,7 +228,7 @@ def _pool_size(ray: Any, options: RayOptions, spec: JobSpec, blocks: int) -> tup
     """(actors, threads per actor) that fit the cluster's CPUs."""
     cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
     total, largest = sum(cpus), max(cpus, default=0)
-    threads = options.threads_per_actor or spec.threads
+    threads = options.threads_per_actor
     if threads is None:
         threads = max(1, total // options.actors) if options.actors else min(largest, 8)
     if threads > largest:
@@ -281,10 +263,12 @@ class RayDataSource(InputSource):
     """
 
     def __init__(self, uri: str, id_column: str | None) -> None:
-        ray = import_ray()
-        self.path = Path(uri)
         self.uri = uri
-        self.batch_rows = 1024
+        super().__init__(Path(uri), id_column=id_column, batch_rows=1024)
+
+    def _read_columns(self) -> list[str]:
+        ray = import_ray()
+        uri = self.uri
         name = uri.lower().removesuffix(".gz")
         try:
             if name.endswith((".parquet", ".pq")):
@@ -305,12 +289,11 @@ class RayDataSource(InputSource):
                 raise ConfigError(
                     f"cannot read '{uri}': unknown input format (use .jsonl, .parquet or .csv)"
                 )
-            self.columns = list(self.dataset.columns() or [])
+            return list(self.dataset.columns() or [])
         except ray.exceptions.RayError as e:
             raise LlambaError(f"cannot read '{uri}': {_first_line(e)}") from None
         except (OSError, ValueError) as e:
             raise LlambaError(f"cannot read '{uri}': {_first_line(e)}") from None
-        self.id_column = _resolve_id_column(self.path, self.columns, id_column)
 
     def __iter__(self) -> Iterator[InputRow]:
         self.dataset.context.execution_options.preserve_order = True

@@ -3,7 +3,7 @@ from __future__ import annotations
 import random
 import tracemalloc
 
-from llamba_cli.job.seen import SeenIds
+from llamba_cli.job.ids import SeenIds
 
 
 def test_membership_matches_a_python_set_across_merges():

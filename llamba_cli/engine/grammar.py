@@ -1,0 +1,238 @@
+"""Constrained decoding: GBNF grammars, compiled once, with a parse state per sequence.
+
+`schema_to_gbnf` turns a JSON Schema into GBNF (llama-cpp-python's converter, with
+integer bounds and JSON-exact string characters added).  `Grammar(model, gbnf)`
+compiles a grammar (llama.cpp's grammar sampler, through `llama.GrammarSampler`);
+each request samples under its own `clone()`.  Which tokens may come next is found
+without asking the grammar about the whole vocabulary (see `_GrammarVocab`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar
+
+import numpy as np
+
+from llamba_cli.engine.capture import capture_stderr
+from llamba_cli.engine.llama import (
+    PRIMITIVE_RULES,
+    RESERVED_NAMES,
+    TOKEN_DATA,
+    BuiltinRule,
+    GrammarSampler,
+    Model,
+    SchemaConverter,
+    clear_log,
+    recent_log,
+    vocab_pieces,
+)
+from llamba_cli.engine.schema import (
+    INTEGER_BOUNDS,
+    integer_bounds,
+    integer_range_rule,
+    parse_schema,
+)
+from llamba_cli.errors import ConfigError
+
+__all__ = ["Grammar", "schema_to_gbnf"]
+
+# A JSON string character as JSON allows it.  llama-cpp-python's converter uses
+# `[^"\\]`, which lets raw control characters (a newline, a tab) into strings: the
+# grammar would accept output that no JSON parser does.
+_JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ' + " ".join(["[0-9a-fA-F]"] * 4) + ")"
+
+
+class _Converter(SchemaConverter):
+    """The converter, plus integer bounds and JSON-exact string characters."""
+
+    def visit(self, schema: Any, name: str) -> str:
+        if (
+            isinstance(schema, dict)
+            and schema.get("type") == "integer"
+            and not {"$ref", "oneOf", "anyOf", "const", "enum"} & schema.keys()
+            and any(k in schema for k in INTEGER_BOUNDS)
+        ):
+            rule = integer_range_rule(*integer_bounds(schema))
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            return str(self._add_rule(rule_name, rule + " space"))
+        return str(super().visit(schema, name))
+
+    def _add_primitive(self, name: str, rule: Any) -> str:
+        if rule is PRIMITIVE_RULES["char"]:
+            rule = BuiltinRule(_JSON_CHAR, [])
+        return str(super()._add_primitive(name, rule))
+
+
+def schema_to_gbnf(schema_text: str) -> str:
+    """GBNF (start symbol `root`) for a JSON Schema given as JSON text.
+
+    Raises ConfigError (one line) when the text is not JSON, the schema uses something
+    the grammar would not enforce (see `engine.schema`), or the converter fails.
+    """
+    schema = parse_schema(schema_text)
+    converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    try:
+        schema = converter.resolve_refs(schema, "schema")
+        converter.visit(schema, "")
+    except ConfigError:
+        raise
+    except Exception as e:  # the converter reports with asserts and bare exceptions
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot convert the schema to a grammar: {detail}") from None
+    return str(converter.format_grammar())
+
+
+_PARSE_ERROR = b"error parsing grammar: "
+
+
+def _parser_message(gbnf: str) -> Any:
+    """A `capture_stderr` claim: llama.cpp's report of a grammar it cannot parse
+    ("parse: error parsing grammar: WHY\\n\\nGRAMMAR\\n"), apart from anything else."""
+    tail = b"\n\n" + gbnf.encode() + b"\n"
+
+    def claim(printed: bytes) -> tuple[bytes, bytes]:
+        at = printed.find(_PARSE_ERROR)
+        if at < 0:
+            return b"", printed
+        start = printed.rfind(b"\n", 0, at) + 1
+        end = printed.find(tail, at)
+        end = len(printed) if end < 0 else end + len(tail)
+        return printed[start:end], printed[:start] + printed[end:]
+
+    return claim
+
+
+class _GrammarVocab:
+    """Facts about a model's vocabulary that grammar sampling needs; built once per model.
+
+    - `banned`: control tokens other than end-of-generation.  llama.cpp's grammar sees
+      their markup ("<unused0>") while llamba's text renders them as nothing, so they
+      are never allowed: the grammar and the text must see the same bytes.
+    - Tokens grouped by the first byte of their piece (`order`, `bounds`), and for each
+      byte a probe token whose piece is that byte alone.  A token is allowed only if
+      its first byte is, and one `apply` over the 256 probes tells which bytes are: so
+      the tokens that can follow are found without asking the grammar about the whole
+      vocabulary.  End-of-generation tokens, and tokens whose first byte has no probe,
+      are always candidates.
+    """
+
+    _by_model: ClassVar[weakref.WeakKeyDictionary[Model, _GrammarVocab]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    @classmethod
+    def of(cls, model: Model) -> _GrammarVocab:
+        tables = cls._by_model.get(model)
+        if tables is None:
+            tables = cls._by_model[model] = cls(model)
+        return tables
+
+    def __init__(self, model: Model) -> None:
+        first, single, control = vocab_pieces(model)  # first: 256 for an empty piece
+        probes = np.full(256, -1, dtype=np.int32)
+        for t in np.flatnonzero(single & ~control)[::-1]:  # the lowest id per byte
+            probes[first[t]] = t
+        self.banned = control & ~model.eog_mask
+        self.eog = np.flatnonzero(model.eog_mask).astype(np.int32)
+        key = first.astype(np.int32)
+        key[(key < 256) & (probes[np.minimum(key, 255)] < 0)] = 256
+        key[model.eog_mask] = 256  # always a candidate
+        key[self.banned | ((first == 256) & ~model.eog_mask)] = 257  # never
+        self.order = np.argsort(key, kind="stable").astype(np.int32)
+        self.bounds = np.searchsorted(key[self.order], np.arange(259)).astype(np.int64)
+        self.probe_bytes = np.flatnonzero(probes >= 0)
+        self.probes = probes[self.probe_bytes]
+        self.always = self.order[self.bounds[256] : self.bounds[257]]
+
+
+class _Scratch:
+    """A `TOKEN_DATA` buffer shared by every state of one compiled grammar (one
+    sequence is sampled at a time)."""
+
+    def __init__(self, model: Model) -> None:
+        self.vocab = _GrammarVocab.of(model)
+        self.buffer = np.zeros(0, dtype=TOKEN_DATA)
+
+    def view(self, n: int) -> np.ndarray:
+        if len(self.buffer) < n:
+            self.buffer = np.zeros(max(n, 2 * len(self.buffer)), dtype=TOKEN_DATA)
+        return self.buffer[:n]
+
+
+class Grammar:
+    """The parse state of one sequence under a GBNF grammar.
+
+    `Grammar(model, gbnf)` compiles the text (start symbol `root`) and raises
+    ConfigError with llama.cpp's reason when it cannot.  Each sequence needs its own
+    state: compile once, then `clone()` a fresh one per request (cheap, no parsing).
+    `allowed(ids)` says which of the token ids may come next; end-of-generation tokens
+    are allowed only where the grammar is complete.  `accept(token)` advances the
+    state and must only get a non-end-of-generation token that `allowed` approved:
+    llama.cpp aborts the process on anything else.  `close()` frees the state (also
+    done on garbage collection).  Not thread-safe; clones share a scratch buffer.
+    """
+
+    def __init__(self, model: Model, gbnf: str) -> None:
+        if not gbnf.strip():
+            raise ConfigError("the grammar is empty")
+        clear_log()
+        with capture_stderr(_parser_message(gbnf)) as printed:
+            sampler = GrammarSampler.compile(model, gbnf)
+        if sampler is None:
+            said = printed.claimed.decode("utf-8", "replace").splitlines() + recent_log()
+            said = [ln.strip() for ln in said if ln.strip()]
+            reason = next((ln for ln in said if "error parsing grammar" in ln), "")
+            reason = reason.split("error parsing grammar:", 1)[-1].strip()
+            reason = reason or next((ln for ln in reversed(said) if "grammar" in ln), "")
+            raise ConfigError("invalid grammar" + (f": {reason}" if reason else ""))
+        self._sampler: GrammarSampler = sampler
+        self._scratch = _Scratch(model)
+
+    @classmethod
+    def _wrap(cls, sampler: GrammarSampler, scratch: _Scratch) -> Grammar:
+        self = cls.__new__(cls)
+        self._sampler = sampler
+        self._scratch = scratch
+        return self
+
+    def clone(self) -> Grammar:
+        """An independent copy of this state (of a freshly compiled grammar: a new one)."""
+        return Grammar._wrap(self._sampler.clone(), self._scratch)
+
+    def allowed(self, token_ids: np.ndarray) -> np.ndarray:
+        """A bool mask over `token_ids` (int32): which tokens the grammar allows next."""
+        n = len(token_ids)
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        data = self._scratch.view(n)
+        data["id"] = token_ids
+        data["logit"] = 0.0
+        data["p"] = 0.0
+        self._sampler.apply(data)  # the rejected get -inf
+        return (data["logit"] != -np.inf) & ~self._scratch.vocab.banned[token_ids]
+
+    def allows(self, token: int) -> bool:
+        return bool(self.allowed(np.array([token], dtype=np.int32))[0])
+
+    def candidates(self, limit: int | None = None) -> np.ndarray | None:
+        """Token ids that may be allowed next: every allowed token is among them (those
+        whose first byte the grammar allows, and end-of-generation).  None when there
+        are more than `limit`, e.g. inside a JSON string, where almost any token fits."""
+        v = self._scratch.vocab
+        ok_bytes = v.probe_bytes[self.allowed(v.probes)]
+        lo, hi = v.bounds[ok_bytes], v.bounds[ok_bytes + 1]
+        if limit is not None and int((hi - lo).sum()) + len(v.always) > limit:
+            return None
+        return np.concatenate([v.order[a:b] for a, b in zip(lo, hi, strict=True)] + [v.always])
+
+    def complete(self) -> bool:
+        """Whether the text so far is a whole sentence of the grammar (may end here)."""
+        eog = self._scratch.vocab.eog[:1]
+        return bool(len(eog)) and bool(self.allowed(eog)[0])
+
+    def accept(self, token: int) -> None:
+        self._sampler.accept(token)
+
+    def close(self) -> None:
+        self._sampler.close()

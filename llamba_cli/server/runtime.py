@@ -1,0 +1,126 @@
+"""`Runtime`: the served model's life, shared by every handler.
+
+    loading -> ready -> stopping        (or loading -> failed, ready -> failed)
+
+The model loads on a thread of its own once the socket is bound, so `/health` can
+answer 503 meanwhile.  Once ready, `api` maps request bodies and `loop` (an
+`EngineLoop`, the engine on its own thread) runs them.  A failure to load, or the
+engine loop stopping on a llama.cpp failure, is logged once and asks the server
+to shut down (`exit_code` says why).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from llamba_cli.engine import Engine, EngineLoop, LoopStats, Model
+from llamba_cli.errors import LlambaError
+from llamba_cli.openai import OpenAIApi, served_model
+from llamba_cli.server.config import ServerConfig
+from llamba_cli.server.metrics import Metrics
+
+LOADING, READY, STOPPING, FAILED = "loading", "ready", "stopping", "failed"
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        log: Callable[[str], None],
+        stop_server: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.stop_server = stop_server
+        self.state = LOADING
+        self.error: str | None = None
+        self.exit_code = 0
+        self.metrics = Metrics()
+        self.api: OpenAIApi | None = None
+        self.loop: EngineLoop | None = None
+        self._model: Model | None = None
+        self._engine: Engine | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    def start_loading(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="llamba-load", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _load(self) -> None:
+        cfg = self.config.engine
+        try:
+            model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack)
+            self._model = model
+            served = served_model(
+                model,
+                n_ctx_seq=cfg.n_ctx_seq,
+                format_name=self.config.format_name,
+                name=self.config.model_name,
+            )
+            api = OpenAIApi(served)
+            engine = Engine(cfg, model=model)
+            self._engine = engine
+            with self._lock:
+                if self.state != LOADING:  # shut down while loading: close() frees it
+                    return
+                loop = EngineLoop(engine, max_waiting=self.config.max_queue)
+                loop.start()
+                self.api = api
+                self.loop = loop
+                self.state = READY
+        except LlambaError as e:
+            self._fail(str(e), e.exit_code)
+            return
+        except Exception as e:  # a bug, but the server must still say why and exit
+            self._fail(f"internal error while loading: {type(e).__name__}: {e}", 70)
+            return
+        self.log(
+            f"model {served.name} ready: {cfg.slots} slots x {cfg.n_ctx_seq} tokens, "
+            f"prompt format {served.prompt_format.name}"
+        )
+
+    def _fail(self, message: str, exit_code: int) -> None:
+        with self._lock:
+            if self.state in (FAILED, STOPPING):
+                return
+            self.state = FAILED
+            self.error = message
+            self.exit_code = exit_code
+        self.log(f"error: {message}; shutting down")
+        self.stop_server()
+
+    def engine_failed(self, message: str) -> None:
+        """The engine loop stopped (llama.cpp failed): fail what is left and shut down."""
+        self._fail(f"the engine stopped: {message}", 3)
+
+    def stats(self) -> LoopStats | None:
+        loop = self.loop
+        return loop.stats() if loop is not None and self.state in (READY, STOPPING) else None
+
+    def close(self) -> None:
+        """Abort whatever still runs and free the engine (after the server stopped).
+        Waits for a load in progress to end first: llama.cpp cannot be interrupted."""
+        with self._lock:
+            if self.state != FAILED:
+                self.state = STOPPING
+        self.wait_loaded()
+        loop, self.loop = self.loop, None
+        engine, self._engine = self._engine, None
+        if loop is not None:
+            loop.close(drain=False)  # aborts what is left, then closes the engine
+        elif engine is not None:
+            engine.close()
+        model, self._model = self._model, None
+        if model is not None:
+            model.close()
