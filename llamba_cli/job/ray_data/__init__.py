@@ -1,0 +1,18 @@
+"""llamba jobs on Ray Data: the same jobs, across a cluster.
+
+- `map_dataset(ds, job)`: a Ray user's `ray.data.Dataset` through llamba's engine,
+  returning a dataset of result rows (the Python API).
+- `run_ray_job(spec, RayOptions(...))`: what `llamba ... --ray` runs; writes a
+  resumable folder of parts.
+
+Needs the `ray` extra (`pip install 'llamba[ray]'`); nothing else in llamba imports
+this package, so the base install works without Ray.
+"""
+
+from llamba_cli.job.ray_data.actor import EngineActor
+from llamba_cli.job.ray_data.api import job_spec, map_dataset
+from llamba_cli.job.ray_data.options import RayOptions
+from llamba_cli.job.ray_data.parts import PartFolder
+from llamba_cli.job.ray_data.runner import run_ray_job
+
+__all__ = ["EngineActor", "PartFolder", "RayOptions", "job_spec", "map_dataset", "run_ray_job"]
