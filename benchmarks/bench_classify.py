@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import reference
 from common import Series
 
 Runner = Callable[[], tuple[float, int]]
@@ -135,7 +136,7 @@ def loop_label_logprobs(llm: Any, prompt: str, labels: tuple[str, ...]) -> list[
 
 def loop_contender(w: Workload, stack: contextlib.ExitStack, outcome: Outcome) -> Runner:
     """llama-cpp-python with `logits_all=True`, one evaluation per row and label."""
-    llm = common.load_llama(
+    llm = reference.load_llama(
         w.model_path,
         n_ctx=w.ctx,
         n_batch=512,

@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import reference
 from common import Series, Tools
 
 Runner = Callable[[], tuple[float, int]]
@@ -123,7 +124,7 @@ def eog_token_ids(llm: Any) -> list[int]:
 
 def plain_loop(w: Workload, stack: contextlib.ExitStack, ban_eos: bool) -> Runner:
     """One `Llama`, one call per prompt: the loop users write today."""
-    llm = common.load_llama(
+    llm = reference.load_llama(
         w.model_path,
         n_ctx=w.ctx,
         n_batch=512,

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: fixed inputs, llama.cpp tool discovery,
-the no-repack workaround for llama-cpp-python's `Llama`, timing statistics and
-markdown output.
+timing statistics and markdown output; `reference.py` builds llama-cpp-python's
+`Llama` the way llamba loads models.
 
 Importing this module has no side effects: llama-cpp-python and llamba are imported
 inside the functions that need them.
@@ -19,10 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from reference import repack_supported  # the AMX workaround lives in reference.py, once
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -183,60 +184,6 @@ def classify_prompt(review: str, *, long_prefix: bool = False) -> str:
     """The few-shot prompt for one review; the label follows after a space."""
     header = CLASSIFY_HEADER_LONG if long_prefix else CLASSIFY_HEADER_SHORT
     return f"{header}Review: {review}\nSentiment:"
-
-
-# -- running llama-cpp-python's Llama the same way llamba runs models ---------------
-
-
-@contextlib.contextmanager
-def extra_bufts_disabled(disable: bool | None = None) -> Iterator[bool]:
-    """Make `llama_model_default_params()` return `use_extra_bufts=False` while active.
-
-    `Llama.__init__` takes its model params from
-    `llama_cpp.llama_cpp.llama_model_default_params()` and has no argument for
-    weight repacking; on CPUs with AMX, llama.cpp's repacked (AMX) path crashes on
-    Q4_K models, and llamba turns it off there.  `disable=None` follows llamba
-    (`repack_supported()`); the context manager yields whether it disabled them.
-    """
-    import llama_cpp
-    import llama_cpp.llama_cpp as lc
-
-    if disable is None:
-        disable = not repack_supported()
-    if not disable:
-        yield False
-        return
-    original = lc.llama_model_default_params
-    original_pkg = getattr(llama_cpp, "llama_model_default_params", original)
-
-    def patched() -> Any:
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    lc.llama_model_default_params = patched
-    llama_cpp.llama_model_default_params = patched
-    try:
-        yield True
-    finally:
-        lc.llama_model_default_params = original
-        llama_cpp.llama_model_default_params = original_pkg
-
-
-def load_llama(model_path: str | Path, **kwargs: Any) -> Any:
-    """`llama_cpp.Llama(model_path, **kwargs)`, built without extra buffer types when
-    llamba would also load the model without them."""
-    from llama_cpp import Llama
-
-    with extra_bufts_disabled():
-        return Llama(model_path=str(model_path), **kwargs)
-
-
-def repack_supported() -> bool:
-    """llamba's own answer: False on CPUs where llama.cpp's repack/AMX path crashes."""
-    from llamba_cli.engine.llama import repack_supported as supported
-
-    return supported()
 
 
 def resolve_model(model: str | None) -> Path:

@@ -29,11 +29,11 @@ try:  # recent typer vendors its own copy of click
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
 from llamba_cli.cli import serve
-from llamba_cli.cli.options import OPTIONS
+from llamba_cli.cli.options import OPTIONS, take_ray
 from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.formats import list_formats, load_format
 from llamba_cli.job.interrupt import Interrupted, signals_raise
-from llamba_cli.job.spec import BATCH_REFUSED, SETTINGS, JobSpec, build_spec, load_job_file
+from llamba_cli.job.spec import BATCH_REFUSED, JobSpec, build_spec, load_job_file
 
 # Start-up time: parsing options and printing help must not pay for numpy, pyarrow,
 # jinja2 or llama.cpp, so what runs a job (job.execute, job.checks, the progress
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from llamba_cli.job.execute import JobOpener
-    from llamba_cli.job.summary import JobSummary
+    from llamba_cli.job.ray_data.options import RayOptions
+    from llamba_cli.job.summary import JobSummary, ProgressSink
 
 app = typer.Typer(
     name="llamba",
@@ -68,6 +69,8 @@ def _console(stderr: bool) -> Console:
 
 # A batch file's lines carry their prompt and sampling, and custom_id is their id.
 _NOT_BATCH = {*BATCH_REFUSED, "id_column"}
+# Nor does a batch file run on Ray: its rows and output are OpenAI's, not a job's.
+_NOT_BATCH_SECTIONS = ("sampling", "ray")
 
 _DRY_RUN = typer.Option(
     "--dry-run", help="Render prompts and token counts; generate nothing.", rich_help_panel="Run"
@@ -86,7 +89,8 @@ def _command(name: str, first: inspect.Parameter, task: str | None, help: str) -
         if (
             (task == "classify" and option.generate_only)
             or (task == "generate" and option.classify_only)
-            or (task == "batch" and (SETTINGS[key].section == "sampling" or key in _NOT_BATCH))
+            or (task == "batch" and (option.section in _NOT_BATCH_SECTIONS or key in _NOT_BATCH))
+            or (name == "validate" and option.section == "ray")
         ):
             continue
         params.append(
@@ -181,6 +185,7 @@ def version_command() -> None:
 
 
 def _execute(command: str, kwargs: dict[str, Any]) -> None:
+    cluster = take_ray(kwargs)
     dry = kwargs.pop("dry_run", False)
     values: dict[str, Any] = {}
     if command in ("run", "validate"):
@@ -212,7 +217,7 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
         for note in notes:
             _console(False).print(note)
         return
-    summary = _run_with_progress(spec)
+    summary = _run_with_progress(spec, cluster)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
@@ -229,21 +234,31 @@ def _opener(spec: JobSpec) -> JobOpener:
     return Job
 
 
-def _run_with_progress(spec: Any) -> JobSummary:
+def _run_with_progress(spec: Any, cluster: RayOptions | None = None) -> JobSummary:
     from llamba_cli.cli.progress import LogProgress, RichProgress
-    from llamba_cli.job.execute import run_job
 
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
     err = _console(True)
     if err.is_terminal and not quiet:
         bar = RichProgress(err)
         try:
-            return run_job(spec, bar, opener=_opener(spec))
+            return _run(spec, bar, cluster)
         finally:
             bar.stop()
     interval = _progress_interval()
     progress = LogProgress(interval=interval if not quiet else float("inf"))
-    return run_job(spec, progress, opener=_opener(spec))
+    return _run(spec, progress, cluster)
+
+
+def _run(spec: JobSpec, progress: ProgressSink, cluster: RayOptions | None) -> JobSummary:
+    """Run locally, or on Ray with `cluster` (Ray itself is imported only then)."""
+    if cluster is None:
+        from llamba_cli.job.execute import run_job
+
+        return run_job(spec, progress, opener=_opener(spec))
+    from llamba_cli.job.ray_data.runner import run_ray_job
+
+    return run_ray_job(spec, cluster, progress)
 
 
 def _progress_interval() -> float:

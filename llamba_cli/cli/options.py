@@ -6,15 +6,22 @@ defaulted as its dataclass field is: so a field added to `SamplingParams` or
 module adds only what a dataclass cannot say: one line of help for the settings
 users reach for, the short spellings llama.cpp and OpenAI users know (`-c`, `-b`,
 `-np`, `--temp`, ...), and which panel of `--help` a flag sits in.
+
+`--ray` and the fields of `RayOptions` (`--address`, `--actors`, ...) join the same
+table, derived the same way: they say where a job runs, not what it computes, so
+they are flags of the job commands but not settings of a job file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import typer
 
+from llamba_cli.errors import ConfigError
+from llamba_cli.job.ray_data.options import RayOptions
 from llamba_cli.job.spec import SETTINGS, Setting
 
 # Not flags: where the job comes from is the command's argument.
@@ -34,7 +41,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "n_gpu_layers": ("-ngl",),
 }
 
-_PANELS = {"sampling": "Sampling", "engine": "Engine"}
+_PANELS = {"sampling": "Sampling", "engine": "Engine", "ray": "Ray"}
+_FLAGS = ("job", "ray")  # sections whose bool fields are plain switches (--overwrite, --ray)
 _JOB_PANELS = {
     "Prompt": {
         "id_column", "prompt_column", "messages_column", "template", "system", "format",
@@ -104,6 +112,15 @@ _HELP: dict[str, str] = {
     "prefix_min_tokens": "Shortest prefix worth sharing, in tokens.",
     "lookahead": "Requests queued ahead of the running ones.",
     "kv_cells": "Override the KV cache size (default: slots x ctx + prefix cache).",
+    # ray
+    "ray": "Run on a Ray cluster (pip install 'llamba[ray]'); the output is a folder of parts.",
+    "address": "Ray cluster: auto, ray://host:10001, or host:port (default: $RAY_ADDRESS, "
+    "else a new local instance).",
+    "actors": "Engines running at once, one per actor (default: the cluster's CPUs / "
+    "threads per actor).",
+    "threads_per_actor": "CPUs each actor reserves and runs llama.cpp on (default: the "
+    "cluster's CPUs / --actors, else up to 8; --threads does not apply).",
+    "block_rows": "Rows per block: one actor call and one output part (default 8 x --slots).",
 }
 
 
@@ -115,10 +132,11 @@ class Option:
     annotation: Any
     info: Any
     flag: bool  # a plain on/off switch: False when absent
+    section: str  # the setting's section: "job", "sampling", "engine", or "ray"
 
     @property
     def generate_only(self) -> bool:
-        return SETTINGS[self.key].section == "sampling" or self.key in (
+        return self.section == "sampling" or self.key in (
             "n",
             "json_schema",
             "grammar",
@@ -151,7 +169,7 @@ def _default_text(setting: Setting) -> str | None:
         return f"{default} here"
     if setting.type.startswith("bool | None"):
         return "auto"
-    if default is None or default == () or (setting.section == "job" and default is False):
+    if default is None or default == () or (setting.section in _FLAGS and default is False):
         return None
     if isinstance(default, bool):
         return "on" if default else "off"
@@ -168,7 +186,7 @@ def _option(setting: Setting) -> Option:
     flag = False
     if kind.startswith("bool | None"):
         annotation: Any = str | None  # auto, on or off
-    elif kind == "bool" and setting.section == "job":
+    elif kind == "bool" and setting.section in _FLAGS:
         annotation, flag = bool, True
     elif kind == "bool":
         annotation = bool | None
@@ -184,9 +202,31 @@ def _option(setting: Setting) -> Option:
     else:
         annotation = str | None
     info = typer.Option(*names, help=help_text, rich_help_panel=_panel(setting))
-    return Option(key, annotation, info, flag)
+    return Option(key, annotation, info, flag, setting.section)
 
+
+# `--ray`, then one flag per field of `RayOptions`: where a job runs.
+RAY_SETTINGS: dict[str, Setting] = {
+    "ray": Setting("ray", "ray", "ray", "bool", False),
+    **{
+        f.name: Setting(f.name, "ray", f.name, str(f.type), f.default)
+        for f in dataclasses.fields(RayOptions)
+    },
+}
 
 OPTIONS: dict[str, Option] = {
-    key: _option(setting) for key, setting in SETTINGS.items() if key not in _ARGUMENTS
+    **{key: _option(setting) for key, setting in SETTINGS.items() if key not in _ARGUMENTS},
+    **{key: _option(setting) for key, setting in RAY_SETTINGS.items()},
 }
+
+
+def take_ray(values: dict[str, Any]) -> RayOptions | None:
+    """Remove the Ray flags from a command's arguments: `RayOptions` with --ray, else
+    None (ConfigError if a Ray-only flag was given without --ray)."""
+    given = {key: values.pop(key, None) for key in RAY_SETTINGS}
+    if not given.pop("ray"):
+        extra = [key for key, value in given.items() if value is not None]
+        if extra:
+            raise ConfigError(f"--{extra[0].replace('_', '-')} applies only with --ray")
+        return None
+    return RayOptions(**{key: value for key, value in given.items() if value is not None})

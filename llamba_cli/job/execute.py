@@ -74,11 +74,15 @@ class Job:
     tasks: tuple[str, ...] = ("generate", "classify")
     id_field = "id"
 
-    def __init__(self, spec: JobSpec, *, model: Model | None = None) -> None:
+    def __init__(
+        self, spec: JobSpec, *, model: Model | None = None, source: InputSource | None = None
+    ) -> None:
         if spec.task not in self.tasks:
             raise ConfigError(f"{type(self).__name__} does not run {spec.task!r} jobs")
         self.spec = spec
-        self.source: InputSource = open_input(spec.input, id_column=spec.id_column)
+        if source is None:  # a Ray actor passes the rows of its current batch instead
+            source = open_input(spec.input, id_column=spec.id_column)
+        self.source: InputSource = source
         self.labels = self._check_labels() if spec.task == "classify" else None
         missing = [c for c in spec.keep_columns if c not in self.source.columns]
         if missing:

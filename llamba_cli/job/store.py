@@ -364,7 +364,7 @@ class OutputStore:
                 fsync_file(tmp)
             else:
                 with open(tmp, "wb") as stream:
-                    stream.write(b"".join(_json_line(row) for row in rows))
+                    stream.write(b"".join(json_line(row) for row in rows))
                     stream.flush()
                     os.fsync(stream.fileno())
             os.replace(tmp, part)
@@ -509,6 +509,12 @@ def _finished_fingerprint(path: Path, fmt: str, sidecar: Path) -> Any:
     return None if raw is None else orjson.loads(raw)
 
 
+def check_fingerprint(path: Path, stored: Any, fingerprint: Mapping[str, Any]) -> None:
+    """ResumeError unless `stored` (a fingerprint read back from JSON, None when there
+    is none) is `fingerprint`: the message names the settings that changed."""
+    _check_fingerprint(path, stored, _normalized(fingerprint))
+
+
 def _check_fingerprint(path: Path, stored: Any, current: dict[str, Any]) -> None:
     if stored is None:
         raise ResumeError(f"'{path}' exists and was not produced by llamba; {_RERUN_HINT}")
@@ -564,7 +570,8 @@ def _concat_jsonl(parts: list[Path], out: BinaryIO, keep: np.ndarray | None) -> 
                 position += 1
 
 
-def _json_line(row: dict[str, Any]) -> bytes:
+def json_line(row: dict[str, Any]) -> bytes:
+    """One output row as the JSON line a `.jsonl` output holds."""
     return orjson.dumps(row, default=str, option=_JSON_OPTIONS) + b"\n"
 
 

@@ -1,5 +1,5 @@
 """The sampler on hand-made logits: greedy, top-k / top-p / min-p / temperature in
-llama.cpp's order, logit bias, penalties, per-request random streams, speed.
+llama.cpp's order, logit bias, penalties, per-request random streams, the model's vocabulary size.
 
 Expected values are computed here, independently, in float64 with numpy: the
 reference chain is llama.cpp's default one (logit bias, penalties, top-k, top-p,
@@ -7,8 +7,6 @@ min-p on the untempered softmax, then temperature over the survivors).
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -441,9 +439,17 @@ def test_different_seeds_differ() -> None:
     assert draws[3] == run_alone(3, row, 20)
 
 
-# -- speed ---------------------------------------------------------------------------------
+# -- the model's vocabulary size ------------------------------------------------------
+# How fast the sampler is at this size is measured by benchmarks/bench_sampler.py;
+# these tests check that its candidate cut loses nothing the chain keeps.
 
 BIG_V = 262_144
+BIG_PARAMS = [
+    SamplingParams(),
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.05),
+    SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.1),
+]
 
 
 def big_logits() -> np.ndarray:
@@ -455,36 +461,37 @@ def big_logits() -> np.ndarray:
     return logits
 
 
-def best_time(logits: np.ndarray, params: SamplingParams, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        reqs = [Request(id=i, prompt="", params=params) for i in range(16)]
-        for i, r in enumerate(reqs):
-            r.rng = np.random.default_rng(i)
-        block = logits.copy()
-        t0 = time.perf_counter()
-        toks = sample(block, list(range(16)), reqs)
-        best = min(best, time.perf_counter() - t0)
-        assert all(0 <= t < BIG_V for t in toks)
-    return best
+@pytest.mark.parametrize("params", BIG_PARAMS, ids=["defaults", "greedy", "min_p_only", "all_cuts"])
+def test_262k_vocab_draws_stay_in_the_chain_support(params: SamplingParams) -> None:
+    logits = big_logits()
+    if params.greedy:
+        support = [logits[r] == logits[r].max() for r in range(16)]
+    else:
+        cuts = dict(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+        support = [reference_dist(logits[r], temperature=params.temperature, **cuts) > 0
+                   for r in range(16)]  # fmt: skip
+    reqs = [make_req(i, **vars(params)) for i in range(16)]
+    drawn = [sample(logits.copy(), list(range(16)), reqs) for _ in range(20)]
+    for toks in drawn:
+        assert all(support[r][t] for r, t in enumerate(toks)), toks
+    if not params.greedy:
+        assert len({tuple(t) for t in drawn}) > 1  # it does draw
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(),
-        SamplingParams(temperature=0.0),
-        SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.05),
-        SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.1),
-    ],
-    ids=["defaults", "greedy", "min_p_only", "all_cuts"],
-)
-def test_262k_vocab_is_fast(params: SamplingParams) -> None:
-    # A guard against sorting the vocabulary (~25 ms a row, 0.4 s here), loose enough
-    # for a busy 2-core machine; speed itself is measured in benchmarks/.
-    assert best_time(big_logits(), params, repeats=3) < 0.250
-
-
-def test_262k_vocab_plain_temperature_sampling_is_fast() -> None:
-    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    assert best_time(big_logits(), params, repeats=3) < 0.250
+def test_262k_vocab_plain_temperature_keeps_the_tail() -> None:
+    """No truncation: the 262,139 tokens of the bulk hold about 6% of the mass, and
+    draws follow the full softmax (the five most likely tokens and "any other" as six
+    bins), so a cut that dropped the tail would show."""
+    row = big_logits()[0]
+    head = np.argsort(-row)[:5]
+    p = softmax64(row)
+    expected = np.append(p[head], 1 - p[head].sum())
+    assert expected[-1] > 0.03
+    reqs = [make_req(i, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) for i in range(16)]
+    block = np.tile(row, (16, 1))
+    counts = np.zeros(6, dtype=np.int64)
+    for _ in range(100):
+        for t in sample(block.copy(), list(range(16)), reqs):
+            hit = np.flatnonzero(head == t)
+            counts[hit[0] if hit.size else 5] += 1
+    assert_distribution(counts, expected)

@@ -148,13 +148,14 @@ def test_kv_pressure_with_prefix_cache_on_completes(make_engine, model):
 
 
 def test_preemption_counts_each_prompt_once(make_engine):
-    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    # llama.cpp pads the cache to 256 cells at least; four rows need about 290.
     engine = make_engine(slots=4, prefix_cache=False, kv_cells=256)
     reqs = [Request(id=i, prompt=p, params=params) for i, p in enumerate(PROMPTS)]
     done = list(engine.run(reqs))
     st = engine.stats
     assert st.kv_retries > 0
-    assert all(r.error is None and r.completion_tokens == 100 for r in done)
+    assert all(r.error is None and r.completion_tokens == 64 for r in done)
     assert st.prompt_tokens == sum(r.prompt_tokens for r in reqs)
     assert st.prompt_tokens_evaluated > st.prompt_tokens  # the preempted were recomputed
 
