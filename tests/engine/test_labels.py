@@ -108,8 +108,9 @@ def test_deeper_trie_paths_in_lexicographic_order() -> None:
     paths, evaluated = drive(scorer, rows)
     assert paths == [(0, [5, 7, 1]), (1, [9]), (0, [6])]
     assert evaluated == [(5,), (5, 7), (5, 7, 1), (5, 9), (6,)]
-    np.testing.assert_allclose(scorer.logprobs(), reference_logprobs(labels, rows),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        scorer.logprobs(), reference_logprobs(labels, rows), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -121,8 +122,9 @@ def test_random_label_sets_evaluate_each_internal_node_once(seed: int) -> None:
     _, evaluated = drive(scorer, rows)
     assert sorted(evaluated) == sorted(internal_nodes(labels))
     assert len(evaluated) == len(set(evaluated)) == scorer.extra_tokens
-    np.testing.assert_allclose(scorer.logprobs(), reference_logprobs(labels, rows),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        scorer.logprobs(), reference_logprobs(labels, rows), rtol=0, atol=1e-5
+    )
 
 
 def test_logprobs_exact_on_dyadic_rows() -> None:
@@ -130,8 +132,9 @@ def test_logprobs_exact_on_dyadic_rows() -> None:
     scorer = LabelScorer(labels)
     rows = rows_for(labels, 4, dyadic=True)
     drive(scorer, rows)
-    np.testing.assert_allclose(scorer.logprobs(), reference_logprobs(labels, rows),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        scorer.logprobs(), reference_logprobs(labels, rows), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_duplicate_labels_get_the_same_score() -> None:
@@ -156,8 +159,9 @@ def test_label_probabilities_of_all_continuations_sum_to_one() -> None:
 def test_log_softmax_at_against_float64() -> None:
     row = (np.random.default_rng(7).standard_normal(262_144) * 4).astype(np.float32)
     toks = [0, 17, int(row.argmax()), int(row.argmin()), 262_143]
-    np.testing.assert_allclose(log_softmax_at(row, toks), log_softmax64(row)[toks],
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        log_softmax_at(row, toks), log_softmax64(row)[toks], rtol=0, atol=1e-6
+    )
 
 
 def test_empty_labels_are_rejected() -> None:

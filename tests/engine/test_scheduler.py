@@ -88,8 +88,10 @@ def run_to_end(sched: Scheduler, max_steps: int = 1000) -> list[Plan]:
 
 
 def spans(plan: Plan) -> list[tuple[object, int, int]]:
-    return [(c.owner.id if isinstance(c.owner, Request) else "prefix", c.start, c.end)
-            for c in plan.chunks]
+    return [
+        (c.owner.id if isinstance(c.owner, Request) else "prefix", c.start, c.end)
+        for c in plan.chunks
+    ]
 
 
 # -- without a prefix cache ----------------------------------------------------------------
@@ -153,8 +155,9 @@ def test_decode_comes_first_and_prompt_gets_the_rest_of_the_budget() -> None:
 
 def test_slot_refilled_the_step_a_request_is_released() -> None:
     sched = Scheduler(slots=2, n_batch=64)
-    a, b, c = (make_req(n, unique_prompt(i, 5), max_new=1 if n == "a" else 5)
-               for i, n in enumerate("abc"))
+    a, b, c = (
+        make_req(n, unique_prompt(i, 5), max_new=1 if n == "a" else 5) for i, n in enumerate("abc")
+    )
     for r in (a, b, c):
         sched.add(r)
     p = sched.schedule()
@@ -225,8 +228,13 @@ def test_chunks_start_at_num_computed_of_partially_computed_requests() -> None:
 # -- prefix cache -------------------------------------------------------------------------
 
 
-def cache_sched(slots: int = 4, n_batch: int = 512, budget: int = 4096,
-                min_tokens: int = 16, lookahead: int = 64) -> Scheduler:
+def cache_sched(
+    slots: int = 4,
+    n_batch: int = 512,
+    budget: int = 4096,
+    min_tokens: int = 16,
+    lookahead: int = 64,
+) -> Scheduler:
     cache = PrefixCache(range(slots, slots + 8), budget=budget, min_tokens=min_tokens)
     return Scheduler(slots=slots, n_batch=n_batch, prefix_cache=cache, lookahead=lookahead)
 
@@ -370,8 +378,9 @@ def test_eviction_when_sequence_ids_run_out() -> None:
     sched = cache_sched(slots=2)
     heads = [[10_000 * (g + 1) + j for j in range(30)] for g in range(9)]
     for g in range(8):
-        plans = run_group(sched, [make_req(f"{g}.{i}", shared_prompt(heads[g], i, 5))
-                                  for i in range(2)])
+        plans = run_group(
+            sched, [make_req(f"{g}.{i}", shared_prompt(heads[g], i, 5)) for i in range(2)]
+        )
         assert all(p.evict == [] for p in plans)
     assert [e.seq_id for e in entries(sched)] == list(range(2, 10))
     assert sched.prefix_cache is not None and sched.prefix_cache.free_ids == []

@@ -83,7 +83,11 @@ def test_stop_spanning_piece_boundaries(pieces: list[bytes], text: str) -> None:
 def test_stop_beginning_in_earlier_text_truncates_it() -> None:
     stream = TextStream(("<|im_end|>",))
     assert feed_all(stream, [b"answer: 42", b"<|", b"im", b"_en", b"d|>", b"more"]) == [
-        False, False, False, False, True,
+        False,
+        False,
+        False,
+        False,
+        True,
     ]
     assert stream.close() == "answer: 42"
 
