@@ -30,8 +30,8 @@ LABEL_SETS = [
 ]
 
 
-def classify(engine, labels, prompts=PROMPTS):
-    reqs = [Request(id=i, prompt=p, labels=labels) for i, p in enumerate(prompts)]
+def classify(engine, labels):
+    reqs = [Request(id=i, prompt=p, labels=labels) for i, p in enumerate(PROMPTS)]
     done = sorted(engine.run(reqs), key=lambda r: r.id)
     assert all(r.error is None for r in done), [r.error for r in done]
     return np.array([r.label_logprobs for r in done])
@@ -81,10 +81,10 @@ def test_default_slots_with_prefix_cache_within_batching_noise(make_engine, labe
 
 
 def test_prefix_label_scores_the_answer_beginning_with_it(make_engine):
-    """ "good" next to "good enough" is scored as "the answer begins with good": its
-    log-probability is the one it has in a label set without the longer label (same
-    decodes at 1 slot, so the same bits), and "good enough" adds the strictly
-    negative log P(" enough" | ... good)."""
+    """A label that is a prefix of another ("good" next to "good enough") is scored
+    as "the answer begins with good": its log-probability is the one it has in a set
+    without the longer label (same decodes at 1 slot, so the same bits), and
+    "good enough" adds the strictly negative log P(" enough" | ... good)."""
     with_ext = classify(make_engine(slots=1, prefix_cache=False), ("good", "good enough", "bad"))
     without = classify(make_engine(slots=1, prefix_cache=False), ("good", "bad"))
     assert (with_ext[:, [0, 2]] == without).all()
