@@ -142,6 +142,13 @@ class Reference:
         self.llm.eval(list(tokens))
         return self._last_row()
 
+    def rewind(self, n: int) -> None:
+        """Keep only the first `n` evaluated tokens (the next `extend` drops the rest of
+        the KV cache, as llamba does before a label branch)."""
+        if not 0 <= n <= self.llm.n_tokens:
+            raise ValueError(f"cannot rewind to {n} of {self.llm.n_tokens} tokens")
+        self.llm.n_tokens = n
+
     def greedy(self, tokens: Sequence[int], n: int) -> list[int]:
         """`n` greedy tokens after `tokens`, one decode a token (llamba at one slot)."""
         out: list[int] = []
@@ -164,9 +171,9 @@ class Reference:
     def label_logprobs(
         self, prompt: str, labels: Sequence[str], shape: Shape = None, delimiter: str = " "
     ) -> list[float]:
-        """log P(label | prompt) per label, the slow, obvious way: per label, the
-        prompt evaluated from an empty cache (in the decodes `shape` names), then the
-        label's first token in a decode of its own, log-softmax summed over the
+        """log P(label | prompt) per label, the slow, obvious way: the prompt evaluated
+        from an empty cache (in the decodes `shape` names), then per label its first
+        token in a decode of its own after the prompt, log-softmax summed over the
         label's tokens. Labels are tokenized together with the prompt, and the
         context is what every labelled text shares, as llamba does. The decodes are
         llamba's at one slot for labels of one or two tokens (llamba evaluates each
@@ -181,13 +188,14 @@ class Reference:
                 min(len(ptoks), len(full)),
             )
             ctx = min(ctx, same, len(full) - 1)
+        first = self.logprobs(fulls[0][:ctx], shape)  # the context is the same for all
         out = []
         for label, full in zip(labels, fulls, strict=True):
             if len(full) - ctx > 2:
                 raise ValueError(f"label {label!r} has more than two tokens after the prompt")
-            row = self.logprobs(full[:ctx], shape)
-            total = float(row[full[ctx]])
+            total = float(first[full[ctx]])
             if len(full) - ctx == 2:
+                self.rewind(ctx)
                 total += float(self.extend([full[ctx]])[full[ctx + 1]])
             out.append(total)
         return out
