@@ -144,8 +144,10 @@ PUBLIC = [
     "Status",
     "TokenLogprob",
     "check_gguf",
+    "grammar_vocab_tables",
     "normalize",
     "schema_to_gbnf",
+    "use_grammar_vocab_tables",
 ]
 
 

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
     from llamba_cli.engine.config import EngineConfig, SamplingParams
     from llamba_cli.engine.engine import Engine, EngineStats
     from llamba_cli.engine.front import EngineLoop, LoopStats, RequestStream
-    from llamba_cli.engine.grammar import Grammar, schema_to_gbnf
+    from llamba_cli.engine.grammar import (
+        Grammar,
+        grammar_vocab_tables,
+        schema_to_gbnf,
+        use_grammar_vocab_tables,
+    )
     from llamba_cli.engine.labels import normalize
     from llamba_cli.engine.llama import Model, check_gguf
     from llamba_cli.engine.request import Request, RequestOutput, Status, TokenLogprob
@@ -41,7 +46,9 @@ _WHERE = {
     "TokenLogprob": "request",
     "check_gguf": "llama",
     "normalize": "labels",
+    "grammar_vocab_tables": "grammar",
     "schema_to_gbnf": "grammar",
+    "use_grammar_vocab_tables": "grammar",
 }
 
 __all__ = [
@@ -59,8 +66,10 @@ __all__ = [
     "Status",
     "TokenLogprob",
     "check_gguf",
+    "grammar_vocab_tables",
     "normalize",
     "schema_to_gbnf",
+    "use_grammar_vocab_tables",
 ]
 assert sorted(__all__) == sorted(_WHERE)
 

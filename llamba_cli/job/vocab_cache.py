@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from llamba_cli.engine import Model
-from llamba_cli.engine.grammar import grammar_vocab_tables, use_grammar_vocab_tables
+from llamba_cli.engine import Model, grammar_vocab_tables, use_grammar_vocab_tables
 from llamba_cli.job.models import model_identity
 
 FORMAT = 1
