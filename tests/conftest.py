@@ -37,9 +37,11 @@ N_BATCH = 512
 THREADS = default_threads()
 
 # A batch of many sequences mixes kernels that one sequence split into pieces does not
-# reproduce exactly; on the machines measured (benchmarks/results/noise.md) llamba's
-# batch noise stayed below twice llama.cpp's single-sequence noise. Bug-sized errors
-# (another row's logits, a wrong KV cell) are several nats.
+# reproduce exactly. On an AMD EPYC (AVX-512, weight repacking on) llamba's largest
+# batch change of a log-probability was 1.7x llama.cpp's own largest split change
+# (16 slots: 0.75 vs 0.43 nats; 8 slots: 0.41 vs 0.43); `benchmarks/bench_noise.py`
+# reports the ratio on any machine. Bug-sized errors (another row's logits, a wrong
+# KV cell) are several nats.
 NOISE_FACTOR = 3.0
 
 
