@@ -34,27 +34,24 @@ def log_softmax(row: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum())
 
 
-def test_logprobs_match_llama_cpp_python_at_one_slot(make_engine, reference_scorer, model):
+def test_logprobs_match_llama_cpp_python_at_one_slot(make_engine, reference, model):
     """At 1 slot llamba decodes each prompt whole, then one token at a time: the
-    reference does the same (`reset()` first, so it evaluates the whole prompt)."""
+    reference does the same (an empty cache for each prompt, one decode a token)."""
     k = 5
     engine = make_engine(slots=1, prefix_cache=False)
     reqs = run(engine, SamplingParams(temperature=0, max_tokens=8, logprobs=k))
-    llm = reference_scorer
     worst = 0.0
     for req in reqs:
         assert req.logprobs is not None and len(req.logprobs) == req.completion_tokens
-        llm.reset()
-        llm.eval(req.tokens[: req.num_prompt])
+        ref = reference.logprobs(req.tokens[: req.num_prompt])
         for entry in req.logprobs:
-            ref = log_softmax(np.asarray(llm.scores[llm.n_tokens - 1]))
             worst = max(worst, abs(entry.logprob - ref[entry.token]))
             assert len(entry.top) == k
             for tok, _, lp in entry.top:
                 worst = max(worst, abs(lp - ref[tok]))
             # no token the reference ranks clearly higher is missing from the top k
             assert entry.top[-1][2] >= np.sort(ref)[-k] - 1e-3
-            llm.eval([entry.token])
+            ref = reference.extend([entry.token])
     assert worst <= 1e-3, worst
 
 
