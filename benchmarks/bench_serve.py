@@ -145,9 +145,9 @@ def running(server: Server, timeout: float) -> Iterator[Server]:
 _PYTHON_SERVER = """
 import runpy, sys
 sys.path.insert(0, {bench!r})
-import common
+import reference
 sys.argv = ["llama_cpp.server", *{argv!r}]
-with common.extra_bufts_disabled():
+with reference.extra_bufts_disabled():
     runpy.run_module("llama_cpp.server", run_name="__main__")
 """
 
