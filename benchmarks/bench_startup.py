@@ -181,8 +181,8 @@ def contenders(args: argparse.Namespace, model: Path, work: Path) -> list[Conten
         "import sys\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "import reference\n"
-        "llm = reference.load_llama(sys.argv[2], n_ctx=int(sys.argv[3]), n_threads=int(sys.argv[4]),"
-        " flash_attn=True, verbose=False)\n"
+        "llm = reference.load_llama(sys.argv[2], n_ctx=int(sys.argv[3]),"
+        " n_threads=int(sys.argv[4]), flash_attn=True, verbose=False)\n"
         "llm(sys.argv[5], max_tokens=int(sys.argv[6]), temperature=0.0)\n"
     )
     out.append(
