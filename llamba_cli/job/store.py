@@ -357,21 +357,18 @@ class OutputStore:
         if self._supersedes and not self._manifest.get("may_supersede"):
             self._write_manifest(may_supersede=True)  # before any superseding row lands
         part = self._part_path(self._next_part)
-        tmp = tmp_name(part)
-        try:
-            if self.format == "parquet":
+        if self.format == "parquet":
+            tmp = tmp_name(part)
+            try:
                 pq.write_table(rows_to_table(rows, self.schema), tmp)
                 fsync_file(tmp)
-            else:
-                with open(tmp, "wb") as stream:
-                    stream.write(b"".join(json_line(row) for row in rows))
-                    stream.flush()
-                    os.fsync(stream.fileno())
-            os.replace(tmp, part)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.work_dir)
+                os.replace(tmp, part)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(self.work_dir)
+        else:
+            atomic_write(part, b"".join(json_line(row) for row in rows))
         self._next_part += 1
         self._ids.add_rows(
             (str(row[self.id_field]) for row in rows),
