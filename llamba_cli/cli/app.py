@@ -28,7 +28,7 @@ try:  # recent typer vendors its own copy of click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
-from llamba_cli.cli import serve
+from llamba_cli.cli import preload, serve
 from llamba_cli.cli.options import OPTIONS, take_ray
 from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.formats import list_formats, load_format
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from llamba_cli.job.execute import JobOpener
+    from llamba_cli.job.models import ModelLoad
     from llamba_cli.job.ray_data.options import RayOptions
     from llamba_cli.job.summary import JobSummary, ProgressSink
 
@@ -198,9 +199,9 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
         if value is not None:
             values[key] = value
     spec = build_spec(values)
-    from llamba_cli.job.checks import dry_run, validate_job
-
     if command == "validate":
+        from llamba_cli.job.checks import validate_job
+
         report = validate_job(spec, opener=_opener(spec))
         for line in report.lines():
             _console(False).print(line)
@@ -208,6 +209,8 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     if dry:
         from rich.table import Table
         from rich.text import Text
+
+        from llamba_cli.job.checks import dry_run
 
         table = Table("id", "tokens", "prompt", show_lines=True)
         notes: list[str] = []
@@ -217,7 +220,9 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
         for note in notes:
             _console(False).print(note)
         return
-    summary = _run_with_progress(spec, cluster)
+    # The model loads while the job's own imports and input checks run.
+    model = preload.take(spec) if cluster is None else None
+    summary = _run_with_progress(spec, cluster, model)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
@@ -234,7 +239,9 @@ def _opener(spec: JobSpec) -> JobOpener:
     return Job
 
 
-def _run_with_progress(spec: Any, cluster: RayOptions | None = None) -> JobSummary:
+def _run_with_progress(
+    spec: JobSpec, cluster: RayOptions | None = None, model: ModelLoad | None = None
+) -> JobSummary:
     from llamba_cli.cli.progress import LogProgress, RichProgress
 
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
@@ -242,20 +249,23 @@ def _run_with_progress(spec: Any, cluster: RayOptions | None = None) -> JobSumma
     if err.is_terminal and not quiet:
         bar = RichProgress(err)
         try:
-            return _run(spec, bar, cluster)
+            return _run(spec, bar, cluster, model)
         finally:
             bar.stop()
     interval = _progress_interval()
     progress = LogProgress(interval=interval if not quiet else float("inf"))
-    return _run(spec, progress, cluster)
+    return _run(spec, progress, cluster, model)
 
 
-def _run(spec: JobSpec, progress: ProgressSink, cluster: RayOptions | None) -> JobSummary:
-    """Run locally, or on Ray with `cluster` (Ray itself is imported only then)."""
+def _run(
+    spec: JobSpec, progress: ProgressSink, cluster: RayOptions | None, model: ModelLoad | None
+) -> JobSummary:
+    """Run locally (taking `model`, already loading), or on Ray with `cluster` (Ray
+    itself is imported only then)."""
     if cluster is None:
         from llamba_cli.job.execute import run_job
 
-        return run_job(spec, progress, opener=_opener(spec))
+        return run_job(spec, progress, opener=_opener(spec), model=model)
     from llamba_cli.job.ray_data.runner import run_ray_job
 
     return run_ray_job(spec, cluster, progress)
@@ -336,12 +346,16 @@ def entry() -> None:
     Everything a run writes is closed (and synced) before `main` returns; what is left
     is freeing the model and context (about a tenth of a second for the embedded
     model) and module clean-up, which the operating system does faster.  Only when
-    nothing else is running: no other thread, no Ray runtime to shut down."""
+    nothing else is running: no other thread (a model load nobody
+    will take aside), no Ray runtime to shut down."""
+    preload.speculate(sys.argv[1:])
     try:
         main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else None
-        if code is None or threading.active_count() > 1 or "ray" in sys.modules:
+        # A model still loading for a job that failed early holds nothing to flush.
+        others = [t for t in threading.enumerate() if t.name != "llamba-model-load"]
+        if code is None or len(others) > 1 or "ray" in sys.modules:
             raise
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +25,7 @@ from llamba_cli.job.columns import output_schema
 from llamba_cli.job.formats import format_from_gguf, load_format
 from llamba_cli.job.ids import SeenIds, id_hash
 from llamba_cli.job.interrupt import Interrupted
-from llamba_cli.job.models import model_identity, resolve_model_path
+from llamba_cli.job.models import ModelLoad, model_identity, resolve_model_path
 from llamba_cli.job.prompts import PromptBuilder, PromptSpec
 from llamba_cli.job.readers import InputRow, InputSource, ParquetSource, open_input
 from llamba_cli.job.spec import JobSpec
@@ -75,7 +75,11 @@ class Job:
     id_field = "id"
 
     def __init__(
-        self, spec: JobSpec, *, model: Model | None = None, source: InputSource | None = None
+        self,
+        spec: JobSpec,
+        *,
+        model: Model | ModelLoad | None = None,
+        source: InputSource | None = None,
     ) -> None:
         if spec.task not in self.tasks:
             raise ConfigError(f"{type(self).__name__} does not run {spec.task!r} jobs")
@@ -92,10 +96,13 @@ class Job:
             )
         # Read and convert before the model loads, compile against its vocabulary after.
         self.constraint: Constraint | None = load_constraint(spec.json_schema, spec.grammar)
-        self.model_path = resolve_model_path(spec.model)
-        self.model = model or Model(
-            self.model_path, n_gpu_layers=spec.engine.n_gpu_layers, repack=spec.engine.repack
-        )
+        if isinstance(model, ModelLoad):  # started by the caller, so it overlaps the above
+            self.model_path, self.model = model.result()
+        else:
+            self.model_path = resolve_model_path(spec.model)
+            self.model = model or Model(
+                self.model_path, n_gpu_layers=spec.engine.n_gpu_layers, repack=spec.engine.repack
+            )
         if spec.ctx > self.model.n_ctx_train:
             raise ConfigError(
                 f"ctx ({spec.ctx}) is larger than the model's training context "
@@ -272,7 +279,10 @@ class Job:
 
 
 # Prepares the job of a spec: `Job`, or a subclass for tasks a higher layer defines.
-JobOpener = Callable[[JobSpec], Job]
+class JobOpener(Protocol):
+    """`Job` or a subclass: how `run_job`, `validate_job` and `dry_run` open a spec."""
+
+    def __call__(self, spec: JobSpec, *, model: Model | ModelLoad | None = None) -> Job: ...
 
 
 def read_paths(spec: JobSpec) -> list[Path]:
@@ -320,17 +330,27 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def run_job(
-    spec: JobSpec, progress: ProgressSink | None = None, *, opener: JobOpener = Job
+    spec: JobSpec,
+    progress: ProgressSink | None = None,
+    *,
+    opener: JobOpener = Job,
+    model: ModelLoad | None = None,
 ) -> JobSummary:
     """Run `spec` to completion (or abort at `max_errors`), writing its output.
 
     Raises LlambaError subclasses for problems found before any row runs; a row's
     own problem becomes an error row.  On `Interrupted` (or KeyboardInterrupt) what
     was generated is flushed and stays resumable; the exception is re-raised with
-    `kept` saying where."""
+    `kept` saying where.  `model`: the spec's model, already loading (a `ModelLoad`);
+    the job takes it, or discards it if the job fails before that."""
     progress = progress or NoProgress()
-    check_outputs(spec)
-    job = opener(spec)
+    try:
+        check_outputs(spec)
+        job = opener(spec, model=model)
+    except BaseException:
+        if model is not None:
+            model.discard()
+        raise
     engine = Engine(job.engine_config(), model=job.model)
     try:
         return _run(job, engine, progress)

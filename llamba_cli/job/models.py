@@ -1,16 +1,24 @@
-"""Which model file a job uses, and how its identity enters the output fingerprint."""
+"""Which model file a job uses, how it is loaded, and how its identity enters the
+output fingerprint."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamba_cli.errors import ModelError
 
+if TYPE_CHECKING:
+    from llamba_cli.engine import Model
+
 EMBEDDED_MODEL = "gemma-3-270m (embedded)"
+
+_LOAD_SWITCH_INTERVAL = 0.0002  # seconds; see ModelLoad
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -70,3 +78,87 @@ def model_identity(path: Path) -> dict[str, Any]:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read(1 << 20))
     return {"name": path.name, "size": st.st_size, "sha256_head_tail": h.hexdigest()[:16]}
+
+
+class ModelLoad:
+    """A job's model, loading on a thread of its own while the caller does other work.
+
+    llama.cpp's load (reading the weights, building the vocabulary, repacking) runs in
+    C with the GIL released, so imports, opening the input and checking it overlap
+    with it; on a small job that is a good part of the start-up.  `result()` waits
+    and returns the loaded model, or raises what resolving or loading raised, at the
+    point where the caller would have loaded it itself (so errors keep their order).
+    `discard()` is for a caller that will not take it: the model is freed once
+    loaded, without waiting.  One taker; not reusable."""
+
+    def __init__(self, model: str | None, *, n_gpu_layers: int = -1, repack: bool | None = None):
+        self.settings = (model, n_gpu_layers, repack)
+        self._lock = threading.Lock()
+        self._model: Model | None = None
+        self._error: BaseException | None = None
+        self._discarded = False
+        self._thread: threading.Thread | None = None
+        try:
+            # On the caller's thread: resolving imports llama.cpp, and importing on
+            # two threads at once gains nothing under the GIL.
+            self.path = resolve_model_path(model)
+        except ModelError as e:
+            self._error = e
+            return
+        self._thread = threading.Thread(
+            target=self._load, args=(n_gpu_layers, repack), name="llamba-model-load", daemon=True
+        )
+        # llama.cpp reports each step of a load through the engine's log callback, a
+        # Python function that needs the GIL: at the default 5 ms switch interval every
+        # line waits for the caller's thread, and a 0.35 s load took 1.2 s beside a
+        # busy caller.  A short interval for the length of the load keeps it at 0.37 s.
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(_LOAD_SWITCH_INTERVAL)
+        self._thread.start()
+
+    def _load(self, n_gpu_layers: int, repack: bool | None) -> None:
+        from llamba_cli.engine import Model
+
+        try:
+            model = Model(self.path, n_gpu_layers=n_gpu_layers, repack=repack)
+        except BaseException as e:  # handed to the taker
+            self._error = e
+            return
+        finally:
+            if sys.getswitchinterval() == _LOAD_SWITCH_INTERVAL:
+                sys.setswitchinterval(self._interval)
+        with self._lock:
+            if self._discarded:
+                model.close()
+            else:
+                self._model = model
+
+    def serves(
+        self, model: str | None, *, n_gpu_layers: int = -1, repack: bool | None = None
+    ) -> bool:
+        """Whether this load is what `ModelLoad(model, ...)` would load."""
+        if self.settings[1:] != (n_gpu_layers, repack):
+            return False
+        if model == self.settings[0]:
+            return True
+        try:
+            return self._error is None and resolve_model_path(model) == self.path
+        except ModelError:
+            return False
+
+    def result(self) -> tuple[Path, Model]:
+        """The model's path and the loaded model. Raises ModelError (or what the load
+        raised)."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._model is not None
+        return self.path, self._model
+
+    def discard(self) -> None:
+        with self._lock:
+            self._discarded = True
+            model, self._model = self._model, None
+        if model is not None:
+            model.close()

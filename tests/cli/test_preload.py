@@ -1,0 +1,79 @@
+"""The model load started from the raw arguments, before they are parsed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llamba_cli.cli import preload
+from llamba_cli.job.spec import build_spec
+
+
+@pytest.fixture(autouse=True)
+def no_guess_left() -> Iterator[None]:
+    yield
+    if preload._guess is not None:
+        preload._guess.discard()
+        preload._guess = None
+
+
+def _spec(**values: object) -> object:
+    return build_spec({"task": "generate", "input": "in.jsonl", **values})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--help"],
+        ["formats"],
+        ["serve"],
+        ["validate", "jobs/generate.toml"],
+        ["generate", "--help"],
+        ["generate", "in.jsonl", "--dry-run"],
+        ["generate", "in.jsonl", "--repack", "off"],
+        ["generate", "in.jsonl", "-ngl", "0"],
+        ["generate", "in.jsonl", "--ray-address", "auto"],
+        ["run"],
+        ["run", "/no/such/job.toml"],
+    ],
+)
+def test_no_guess_where_nothing_loads_or_the_guess_is_unsure(argv: list[str]) -> None:
+    preload.speculate(argv)
+    assert preload._guess is None
+
+
+def test_the_guess_is_taken_when_the_spec_wants_the_same_model(model_path: Path) -> None:
+    preload.speculate(["generate", "in.jsonl", "-o", "out.jsonl"])
+    guess = preload._guess
+    assert guess is not None
+    taken = preload.take(_spec())
+    assert taken is guess and preload._guess is None
+    assert taken.result()[0] == model_path
+    taken.discard()
+
+
+def test_a_wrong_guess_is_discarded_and_the_right_model_loads(model_path: Path) -> None:
+    preload.speculate(["classify", "in.jsonl", "--model", "/no/such/model.gguf"])
+    guess = preload._guess
+    assert guess is not None
+    taken = preload.take(_spec(repack=False))  # the spec says otherwise
+    assert taken is not guess
+    assert taken.settings == (None, -1, False)
+    assert taken.result()[0] == model_path
+    taken.discard()
+
+
+def test_a_job_file_names_the_model(tmp_path: Path, model_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(f'task = "generate"\ninput = "in.jsonl"\nmodel = "{model_path}"\n')
+    preload.speculate(["run", str(job)])
+    assert preload._guess is not None
+    assert preload._guess.settings[0] == str(model_path)
+    job.write_text('task = "generate"\ninput = "in.jsonl"\nrepack = "off"\n')
+    preload._guess.discard()
+    preload._guess = None
+    preload.speculate(["run", str(job)])
+    assert preload._guess is None  # load settings in the file: no guess
