@@ -15,6 +15,11 @@ each request's outputs through its `RequestStream`.  The loop sleeps on a condit
 while there is nothing to do, and runs steps back to back while there is: ctypes
 releases the GIL inside `llama_decode`, so callers' threads run during a step.
 
+Let the loop's thread be the only one in the process that runs llama.cpp: its CPU
+backend (OpenMP builds) keeps a worker team per computing thread, and once a process
+has more of those workers than cores they sleep between decodes instead of spinning,
+which cost 10-20% of throughput on a 2-core machine (`benchmarks/bench_front.py`).
+
 If a step raises (llama.cpp failed), every request that was running gets the error
 from its stream, as an `EngineError`, and leaves the engine; queued requests and the
 loop go on.  (A failure with no request to blame stops the loop: every stream gets
