@@ -9,8 +9,8 @@ from pathlib import Path
 
 from llamba_cli.errors import RowError
 from llamba_cli.job.execute import Job, JobOpener, check_outputs
+from llamba_cli.job.manifest import preflight
 from llamba_cli.job.spec import JobSpec
-from llamba_cli.job.store import preflight
 from llamba_cli.job.summary import JobSummary
 
 

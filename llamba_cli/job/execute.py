@@ -25,11 +25,12 @@ from llamba_cli.job.columns import output_schema
 from llamba_cli.job.formats import format_from_gguf, load_format
 from llamba_cli.job.ids import SeenIds, id_hash
 from llamba_cli.job.interrupt import Interrupted
+from llamba_cli.job.layout import check_location, output_format
 from llamba_cli.job.models import ModelLoad, model_identity, resolve_model_path
 from llamba_cli.job.prompts import PromptBuilder, PromptSpec
 from llamba_cli.job.readers import InputRow, InputSource, ParquetSource, open_input
 from llamba_cli.job.spec import JobSpec
-from llamba_cli.job.store import OutputStore, check_location, output_format
+from llamba_cli.job.store import OutputStore
 from llamba_cli.job.structured import Constraint, load_constraint
 from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_metrics
 from llamba_cli.job.vocab_cache import prime_grammar_vocab

@@ -1,21 +1,13 @@
 """Crash-safe, resumable, incrementally written output of a job.
 
 Nothing half-written ever sits at the output path.  Rows are buffered, then
-published in numbered part files inside a work directory beside the output,
-`<out>.llamba-work/` (same filesystem, so renames are atomic):
-
-    out.parquet.llamba-work/
-        manifest.json          fingerprint, format, created; flags described below
-        part-000000.parquet    each part: written to a temp name, fsynced, renamed
-        part-000001.parquet
-
-A kill at any moment loses at most the rows not yet flushed; every part that exists
-is complete, and leftover temp files are removed when the store is opened again.
-`finalize` merges the parts into a temp file beside the output, fsyncs it, and
-`os.replace`s it onto the output path, then removes the work directory.  A finished
-output carries its job's fingerprint (Parquet schema metadata under
-`FINGERPRINT_KEY`, and for both formats a sidecar `.<name>.llamba.json`), so a rerun
-can tell whether the file is its own.
+published as numbered parts in a work directory beside the output (`job.layout`),
+each written to a temp name, fsynced and renamed.  A kill at any moment loses at
+most the rows not yet flushed; every part that exists is complete, and leftover
+temp files are removed when the store is opened again.  `finalize` merges the parts
+into a temp file beside the output, fsyncs it, renames it onto the output path and
+removes the work directory.  Work and finished outputs carry the job's fingerprint
+(`job.manifest`), so a rerun can tell whether they are its own.
 
 Opening a store decides what is already done:
 
@@ -47,20 +39,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llamba_cli.errors import OutputError, ResumeError
+from llamba_cli.errors import OutputError
 from llamba_cli.job.columns import merge_parquet_parts, rows_to_table
 from llamba_cli.job.durable import (
     TMP_SUFFIX,
@@ -72,21 +61,19 @@ from llamba_cli.job.durable import (
 )
 from llamba_cli.job.ids import StoredIds, contains, id_hash
 from llamba_cli.job.interrupt import deferred
-
-FINGERPRINT_KEY = b"llamba.fingerprint"
-
-OUTPUT_FORMATS = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-}
-_WORK_SUFFIX = ".llamba-work"
-_MANIFEST = "manifest.json"
-_PART = re.compile(r"part-(\d{6,})\.(parquet|jsonl)")
-_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
-_RERUN_HINT = "rerun with --overwrite or choose another output path"
+from llamba_cli.job.jsonl import json_line, merge_jsonl_parts
+from llamba_cli.job.layout import OutputLayout, check_location, part_number
+from llamba_cli.job.manifest import (
+    RERUN_HINT,
+    check_fingerprint,
+    finished_fingerprint,
+    new_manifest,
+    normalized,
+    parquet_metadata,
+    read_manifest,
+    write_manifest,
+    write_sidecar,
+)
 
 
 class OutputStore:
@@ -113,18 +100,16 @@ class OutputStore:
         schema: pa.Schema | None = None,
         id_field: str = "id",
     ) -> None:
-        self.path = Path(path)
+        self.layout = OutputLayout.of(path)
+        self.path = self.layout.path
+        self.format: str = self.layout.format
+        self.work_dir = self.layout.work_dir
         self.id_field = id_field
-        self.format: str = output_format(self.path)
         self.schema = schema if self.format == "parquet" else None
-        self.fingerprint: dict[str, Any] = _normalized(fingerprint)
+        self.fingerprint: dict[str, Any] = normalized(fingerprint)
         self.retry_errors = retry_errors
         self.flush_rows = max(1, flush_rows)
         self.flush_seconds = flush_seconds
-        self.work_dir = self.path.with_name(self.path.name + _WORK_SUFFIX)
-        self.sidecar_path = self.path.with_name(f".{self.path.name}.llamba.json")
-        self._publish_tmp = self.path.with_name(f".{self.path.name}.llamba{TMP_SUFFIX}")
-        self.lock_path = self.path.with_name(f".{self.path.name}.llamba.lock")
 
         self._overwrite = overwrite
         self._work_ready = False  # the work dir exists and belongs to this job
@@ -142,7 +127,7 @@ class OutputStore:
         check_location(self.path)
         with self._os_errors("open"):
             self._make_parent()
-            self._lock = OutputLock(self.lock_path, self.path)
+            self._lock = OutputLock(self.layout.lock, self.path)
         try:
             with self._os_errors("open"):
                 self._open()
@@ -247,28 +232,28 @@ class OutputStore:
         self._created_dirs = []
 
     def _open(self) -> None:
-        for leftover in (self._publish_tmp, tmp_name(self.sidecar_path)):
+        for leftover in (self.layout.publish_tmp, tmp_name(self.layout.sidecar)):
             leftover.unlink(missing_ok=True)
         if self._overwrite:
             return  # nothing is read, and nothing deleted until new rows are published
         work_exists = self.work_dir.is_dir()
-        manifest = self._read_manifest() if work_exists else None
+        manifest = read_manifest(self.layout.manifest) if work_exists else None
         if work_exists and manifest is None:
-            if self._part_paths():
+            if self.layout.parts():
                 raise OutputError(
-                    f"cannot resume '{self.path}': '{self.work_dir / _MANIFEST}' is missing"
-                    f" or unreadable; {_RERUN_HINT}"
+                    f"cannot resume '{self.path}': '{self.layout.manifest}' is missing"
+                    f" or unreadable; {RERUN_HINT}"
                 )
             shutil.rmtree(self.work_dir)  # killed while creating it: nothing to keep
             work_exists = False
         if manifest is not None:
-            self._check_fingerprint(manifest.get("fingerprint"))
+            check_fingerprint(self.path, manifest.get("fingerprint"), self.fingerprint)
             if self.path.exists():
                 work_exists = self._reconcile(manifest)
         if work_exists and manifest is not None:
             self._resume(manifest)
         elif self.path.exists():
-            self._check_fingerprint(self._finished_fingerprint())
+            check_fingerprint(self.path, finished_fingerprint(self.layout), self.fingerprint)
             self._finished_output = True
             self._ids.add_file(self.path, self.format)
         self._ids.freeze(self.retry_errors)
@@ -278,7 +263,7 @@ class OutputStore:
 
         Returns whether the work dir is still in use.
         """
-        part0 = self._part_path(0)
+        part0 = self.layout.part(0)
         if manifest.get("publishing"):
             # finalize published the output but was killed before removing the work dir
             shutil.rmtree(self.work_dir)
@@ -303,20 +288,11 @@ class OutputStore:
         self._supersedes = bool(manifest.get("may_supersede"))
         if manifest.get("publishing") or manifest.get("adopting"):
             self._write_manifest(publishing=False, adopting=False)
-        parts = self._part_paths()
+        parts = self.layout.parts()
         for part in parts:
             self._ids.add_file(part, self.format)
-        self._next_part = _part_number(parts[-1]) + 1 if parts else 0
+        self._next_part = part_number(parts[-1]) + 1 if parts else 0
         self._work_ready = True
-
-    def _read_manifest(self) -> dict[str, Any] | None:
-        return _read_manifest(self.work_dir)
-
-    def _finished_fingerprint(self) -> Any:
-        return _finished_fingerprint(self.path, self.format, self.sidecar_path)
-
-    def _check_fingerprint(self, stored: Any) -> None:
-        _check_fingerprint(self.path, stored, self.fingerprint)
 
     # -- writing --------------------------------------------------------------------
 
@@ -326,24 +302,19 @@ class OutputStore:
             return
         if self._overwrite:
             self.path.unlink(missing_ok=True)
-            self.sidecar_path.unlink(missing_ok=True)
+            self.layout.sidecar.unlink(missing_ok=True)
             if self.work_dir.exists():
                 shutil.rmtree(self.work_dir)
         self.work_dir.parent.mkdir(parents=True, exist_ok=True)
         self.work_dir.mkdir()
-        self._manifest = {
-            "fingerprint": self.fingerprint,
-            "format": self.format,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "may_supersede": self._supersedes,
-        }
+        self._manifest = new_manifest(self.fingerprint, self.format, may_supersede=self._supersedes)
         if self._finished_output:
             # The finished file becomes part 0; the manifest says so first, so a kill
             # between the two steps is completed on the next open.
             self._write_manifest(adopting=True)
-            os.replace(self.path, self._part_path(0))
+            os.replace(self.path, self.layout.part(0))
             fsync_dir(self.work_dir)
-            self.sidecar_path.unlink(missing_ok=True)
+            self.layout.sidecar.unlink(missing_ok=True)
             self._write_manifest(adopting=False)
             self._next_part = 1
             self._finished_output = False
@@ -356,7 +327,7 @@ class OutputStore:
         self._ensure_work_dir()
         if self._supersedes and not self._manifest.get("may_supersede"):
             self._write_manifest(may_supersede=True)  # before any superseding row lands
-        part = self._part_path(self._next_part)
+        part = self.layout.part(self._next_part)
         if self.format == "parquet":
             tmp = tmp_name(part)
             try:
@@ -376,30 +347,26 @@ class OutputStore:
         )
 
     def _merge_and_publish(self) -> None:
-        parts = self._part_paths()
+        parts = self.layout.parts()
         _, errors = self._ids.all()
         keep = self._ids.newest_per_id() if self._supersedes else None
         kept_errors = errors if keep is None else errors[keep]
         self._write_manifest(publishing=True)
-        tmp = self._publish_tmp
+        tmp = self.layout.publish_tmp
         try:
             if self.format == "parquet":
-                metadata = {FINGERPRINT_KEY: orjson.dumps(self.fingerprint)}
+                metadata = parquet_metadata(self.fingerprint)
                 merge_parquet_parts(parts, tmp, metadata=metadata, keep=keep, schema=self.schema)
                 fsync_file(tmp)
             else:
-                with open(tmp, "wb") as stream:
-                    _concat_jsonl(parts, stream, keep)
-                    stream.flush()
-                    os.fsync(stream.fileno())
-            sidecar = {
-                "fingerprint": self.fingerprint,
-                "format": self.format,
-                "rows": len(kept_errors),
-                "errors": int(kept_errors.sum()),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            atomic_write(self.sidecar_path, orjson.dumps(sidecar, option=orjson.OPT_INDENT_2))
+                merge_jsonl_parts(parts, tmp, keep)
+            write_sidecar(
+                self.layout.sidecar,
+                self.fingerprint,
+                self.format,
+                rows=len(kept_errors),
+                errors=int(kept_errors.sum()),
+            )
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -411,21 +378,9 @@ class OutputStore:
 
     def _write_manifest(self, **changes: Any) -> None:
         self._manifest.update(changes)
-        data = orjson.dumps(self._manifest, option=orjson.OPT_INDENT_2)
-        atomic_write(self.work_dir / _MANIFEST, data)
+        write_manifest(self.layout.manifest, self._manifest)
 
     # -- helpers --------------------------------------------------------------------
-
-    def _part_path(self, number: int) -> Path:
-        return self.work_dir / f"part-{number:06d}.{self.format}"
-
-    def _part_paths(self) -> list[Path]:
-        parts = [
-            entry
-            for entry in self.work_dir.iterdir()
-            if (match := _PART.fullmatch(entry.name)) and match.group(2) == self.format
-        ]
-        return sorted(parts, key=_part_number)
 
     @contextlib.contextmanager
     def _os_errors(self, verb: str) -> Iterator[None]:
@@ -439,143 +394,6 @@ class OutputStore:
             raise OutputError(f"cannot {verb} '{self.path}': {reason}") from None
         except (pa.ArrowException, orjson.JSONEncodeError) as exc:
             raise OutputError(f"cannot {verb} '{self.path}': {_first_line(exc)}") from None
-
-
-def check_location(path: Path) -> None:
-    """Fail before any work starts if the output path can never be written."""
-    if path.is_dir():
-        raise OutputError(f"cannot write '{path}': is a directory")
-    if path.exists() and not path.is_file():
-        raise OutputError(f"cannot write '{path}': not a regular file")
-    parent = path.parent
-    while not parent.exists():  # missing directories are created at open
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write '{path}': '{parent}' is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write '{path}': permission denied in '{parent}'")
-
-
-def preflight(path: str | Path, *, fingerprint: Mapping[str, Any], overwrite: bool = False) -> None:
-    """What opening a store on `path` would refuse, checked without changing anything:
-    the format, the location, another run holding the output, and (unless
-    `overwrite`) existing output or work from a different job."""
-    out = Path(path)
-    fmt = output_format(out)
-    check_location(out)
-    holder = OutputLock.holder(out.with_name(f".{out.name}.llamba.lock"))
-    if holder is not None:
-        who = f"pid {holder}" if holder > 0 else "another process"
-        raise OutputError(f"'{out}' is being written by another llamba run ({who})")
-    if overwrite:
-        return
-    current = _normalized(fingerprint)
-    work_dir = out.with_name(out.name + _WORK_SUFFIX)
-    manifest = _read_manifest(work_dir) if work_dir.is_dir() else None
-    if manifest is not None:
-        _check_fingerprint(out, manifest.get("fingerprint"), current)
-    elif out.exists():
-        sidecar = out.with_name(f".{out.name}.llamba.json")
-        _check_fingerprint(out, _finished_fingerprint(out, fmt, sidecar), current)
-
-
-def _read_manifest(work_dir: Path) -> dict[str, Any] | None:
-    try:
-        manifest = orjson.loads((work_dir / _MANIFEST).read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _finished_fingerprint(path: Path, fmt: str, sidecar: Path) -> Any:
-    """The fingerprint recorded in a finished output, or None if it has none."""
-    if fmt == "parquet":
-        try:
-            metadata = pq.read_schema(path).metadata or {}
-        except (pa.ArrowException, OSError):
-            raise ResumeError(
-                f"'{path}' exists but is not a readable Parquet file; {_RERUN_HINT}"
-            ) from None
-        raw = metadata.get(FINGERPRINT_KEY)
-    else:
-        try:
-            raw = orjson.loads(sidecar.read_bytes()).get("fingerprint")
-        except (OSError, orjson.JSONDecodeError, AttributeError):
-            raw = None
-        raw = None if raw is None else orjson.dumps(raw)
-    return None if raw is None else orjson.loads(raw)
-
-
-def check_fingerprint(path: Path, stored: Any, fingerprint: Mapping[str, Any]) -> None:
-    """ResumeError unless `stored` (a fingerprint read back from JSON, None when there
-    is none) is `fingerprint`: the message names the settings that changed."""
-    _check_fingerprint(path, stored, _normalized(fingerprint))
-
-
-def _check_fingerprint(path: Path, stored: Any, current: dict[str, Any]) -> None:
-    if stored is None:
-        raise ResumeError(f"'{path}' exists and was not produced by llamba; {_RERUN_HINT}")
-    if stored == current:
-        return
-    changed = _changed_keys(stored, current)
-    raise ResumeError(
-        f"'{path}' was produced by a different job (changed: {', '.join(changed)}); {_RERUN_HINT}"
-    )
-
-
-def output_format(path: Path) -> str:
-    """ "parquet" or "jsonl", from the output path's extension; OutputError otherwise."""
-    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise OutputError(f"cannot write '{path}': unknown output format (use .parquet or .jsonl)")
-    return fmt
-
-
-def _normalized(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    """The fingerprint as it reads back from JSON, so stored and new ones compare equal."""
-    value = orjson.loads(orjson.dumps(dict(fingerprint), default=str, option=_JSON_OPTIONS))
-    assert isinstance(value, dict)
-    return value
-
-
-def _changed_keys(stored: Any, current: dict[str, Any]) -> list[str]:
-    if not isinstance(stored, dict):
-        return ["fingerprint"]
-    missing = object()
-    keys = list(current) + [key for key in stored if key not in current]
-    return [key for key in keys if stored.get(key, missing) != current.get(key, missing)]
-
-
-def _concat_jsonl(parts: list[Path], out: BinaryIO, keep: np.ndarray | None) -> None:
-    """Append the parts' lines to `out`; with `keep`, only the rows it marks."""
-    position = 0
-    for part in parts:
-        with open(part, "rb") as stream:
-            if keep is None:
-                last = b"\n"
-                while block := stream.read(1 << 20):
-                    out.write(block)
-                    last = block[-1:]
-                if last != b"\n":
-                    out.write(b"\n")
-                continue
-            for line in stream:
-                if not line.strip():
-                    continue
-                if keep[position]:
-                    out.write(line if line.endswith(b"\n") else line + b"\n")
-                position += 1
-
-
-def json_line(row: dict[str, Any]) -> bytes:
-    """One output row as the JSON line a `.jsonl` output holds."""
-    return orjson.dumps(row, default=str, option=_JSON_OPTIONS) + b"\n"
-
-
-def _part_number(part: Path) -> int:
-    match = _PART.fullmatch(part.name)
-    assert match is not None
-    return int(match.group(1))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llamba_cli.errors import OutputError, ResumeError
-from llamba_cli.job.store import FINGERPRINT_KEY, OutputStore, preflight
+from llamba_cli.job.manifest import FINGERPRINT_KEY, preflight
+from llamba_cli.job.store import OutputStore
 
 FP = {"model": "gemma-270m", "temperature": 0.0, "task": "generate"}
 
@@ -390,18 +391,3 @@ def test_values_that_do_not_fit_a_string_column_are_stored_as_json(tmp_path: Pat
     store.write(row(2, kept="plain"))
     store.finalize()
     assert pq.read_table(out).column("kept").to_pylist() == ['{"a":[1,2]}', "plain"]
-
-
-def test_preflight_finds_what_open_would_refuse(tmp_path: Path) -> None:
-    foreign = tmp_path / "foreign.jsonl"
-    foreign.write_text('{"id": 1}\n')
-    with pytest.raises(ResumeError, match="not produced by llamba"):
-        preflight(foreign, fingerprint=FP)
-    preflight(foreign, fingerprint=FP, overwrite=True)
-    with pytest.raises(OutputError, match="unknown output format"):
-        preflight(tmp_path / "out.txt", fingerprint=FP)
-    store = OutputStore(tmp_path / "out.jsonl", fingerprint=FP)
-    store.write(row(1))
-    store.close()
-    with pytest.raises(ResumeError, match="different job"):
-        preflight(tmp_path / "out.jsonl", fingerprint={**FP, "task": "classify"})

@@ -22,7 +22,7 @@ from llamba_cli.openai import (
     RequestFailed,
     ServedModel,
 )
-from llamba_cli.openai.calls import choice_seed
+from llamba_cli.openai.sampling import choice_seed
 
 
 def served(fmt: str = "plain") -> ServedModel:

@@ -29,9 +29,9 @@ from llamba_cli.engine import Engine
 from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.columns import rows_to_table
 from llamba_cli.job.execute import Job
+from llamba_cli.job.jsonl import json_line
 from llamba_cli.job.readers import InputRow, InputSource
 from llamba_cli.job.spec import JobSpec
-from llamba_cli.job.store import json_line
 from llamba_cli.job.summary import JobSummary, NoProgress
 
 if TYPE_CHECKING:

@@ -36,11 +36,10 @@ import pyarrow.parquet as pq
 from llamba_cli.errors import OutputError, ResumeError
 from llamba_cli.job.durable import OutputLock, atomic_write, fsync_dir, fsync_file
 from llamba_cli.job.ids import StoredIds, contains, id_hash, id_hashes
-from llamba_cli.job.store import check_fingerprint
-from llamba_cli.job.store import output_format as _output_format
+from llamba_cli.job.layout import output_format as _output_format
+from llamba_cli.job.manifest import RERUN_HINT, check_fingerprint
 
 MANIFEST = "_llamba.manifest"
-_RERUN_HINT = "rerun with --overwrite or choose another output path"
 _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2
 
 
@@ -153,7 +152,7 @@ class PartFolder:
             if not overwrite:
                 raise ResumeError(
                     f"'{self.path}' is a file; a --ray run writes a folder of parts there;"
-                    f" {_RERUN_HINT}"
+                    f" {RERUN_HINT}"
                 )
             self.path.unlink()
         manifest_path = self.path / MANIFEST
@@ -181,7 +180,7 @@ class PartFolder:
         if not isinstance(manifest, dict):
             if any(self.path.iterdir()):
                 raise ResumeError(
-                    f"'{self.path}' exists and was not produced by llamba; {_RERUN_HINT}"
+                    f"'{self.path}' exists and was not produced by llamba; {RERUN_HINT}"
                 )
             self._manifest = {"fingerprint": self.fingerprint, "format": self.format}
             self._write_manifest()
