@@ -1,3 +1,3 @@
-from llamba_cli.cli.app import entry
+from llamba_cli.cli.launch import entry
 
 entry()

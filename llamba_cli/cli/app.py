@@ -340,15 +340,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def entry() -> None:
-    """The installed `llamba` command (and `python -m llamba_cli`): `main`, then leave
-    without the interpreter's teardown.
+    """`main`, then leave without the interpreter's teardown (the installed command,
+    through `launch.entry`, which starts loading the model first).
 
     Everything a run writes is closed (and synced) before `main` returns; what is left
     is freeing the model and context (about a tenth of a second for the embedded
     model) and module clean-up, which the operating system does faster.  Only when
     nothing else is running: no other thread (a model load nobody
     will take aside), no Ray runtime to shut down."""
-    preload.speculate(sys.argv[1:])
     try:
         main()
     except SystemExit as e:

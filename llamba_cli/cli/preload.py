@@ -26,6 +26,9 @@ _RUNS_A_JOB = ("generate", "classify", "run")
 _NO_GUESS = ("-h", "--help", "--dry-run", "-ngl", "--n-gpu-layers", "--repack")
 
 _guess: ModelLoad | None = None
+# The taken guess, kept until the process ends: `entry()` leaves with os._exit right
+# after the job, and the operating system frees a model faster than llama.cpp does.
+_taken: ModelLoad | None = None
 
 
 def speculate(argv: Sequence[str]) -> None:
@@ -48,13 +51,14 @@ def speculate(argv: Sequence[str]) -> None:
 
 def take(spec: JobSpec) -> ModelLoad:
     """The load for `spec`'s model: the guessed one when it matches, else a new one."""
-    global _guess
+    global _guess, _taken
     from llamba_cli.job.models import ModelLoad
 
     guess, _guess = _guess, None
     engine = spec.engine
     if guess is not None:
         if guess.serves(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack):
+            _taken = guess
             return guess
         guess.discard()
     return ModelLoad(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack)

@@ -15,21 +15,51 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
+import importlib.util
 import os
+import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import llama_cpp as lc
 import numpy as np
 
-# llama-cpp-python's JSON Schema -> GBNF converter (pure Python), for `grammar.py`.
-from llama_cpp.llama_grammar import PRIMITIVE_RULES as PRIMITIVE_RULES
-from llama_cpp.llama_grammar import RESERVED_NAMES as RESERVED_NAMES
-from llama_cpp.llama_grammar import BuiltinRule as BuiltinRule
-from llama_cpp.llama_grammar import SchemaConverter as SchemaConverter
-
 from llamba_cli.errors import EngineError, ModelError
+
+
+def _bindings() -> tuple[ModuleType, ModuleType]:
+    """llama-cpp-python's C bindings and its JSON Schema -> GBNF converter, imported
+    without the package's `__init__`, which also imports the high-level `Llama` (its
+    chat formats, jinja2 and more: 45 ms of a one-row job's start, on the path to the
+    model's load).  A later `import llama_cpp` anywhere still runs the real package,
+    which finds these two modules already loaded."""
+    names = ("llama_cpp.llama_cpp", "llama_cpp.llama_grammar")
+    spec = importlib.util.find_spec("llama_cpp")
+    if "llama_cpp" in sys.modules or spec is None or not spec.submodule_search_locations:
+        return importlib.import_module(names[0]), importlib.import_module(names[1])
+    sys.modules["llama_cpp"] = importlib.util.module_from_spec(spec)  # not executed
+    try:
+        return importlib.import_module(names[0]), importlib.import_module(names[1])
+    finally:
+        del sys.modules["llama_cpp"]
+
+
+if TYPE_CHECKING:
+    import llama_cpp.llama_cpp as lc
+
+    # llama-cpp-python's JSON Schema -> GBNF converter (pure Python), for `grammar.py`.
+    from llama_cpp.llama_grammar import PRIMITIVE_RULES as PRIMITIVE_RULES
+    from llama_cpp.llama_grammar import RESERVED_NAMES as RESERVED_NAMES
+    from llama_cpp.llama_grammar import BuiltinRule as BuiltinRule
+    from llama_cpp.llama_grammar import SchemaConverter as SchemaConverter
+else:
+    lc, _grammar = _bindings()
+    PRIMITIVE_RULES = _grammar.PRIMITIVE_RULES
+    RESERVED_NAMES = _grammar.RESERVED_NAMES
+    BuiltinRule = _grammar.BuiltinRule
+    SchemaConverter = _grammar.SchemaConverter
 
 # llama.cpp logs to stderr by default; a batch tool prints only its own lines.
 # The last lines are kept so a failed load can say why.
@@ -332,6 +362,7 @@ class Context:
 
 
 # -- grammar sampling: the FFI only (the logic is in `grammar.py`) ----------------------
+
 
 # A `llama_token_data` array as numpy sees it.
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
