@@ -80,6 +80,22 @@ def test_engine_config_alone_does_not_load_llama_cpp() -> None:
         "EngineConfig(model_path='m.gguf'); SamplingParams()\n"
         "assert 'llama_cpp' not in sys.modules and 'numpy' not in sys.modules\n"
         "from llamba_cli.engine import Model\n"
-        "assert 'llama_cpp' in sys.modules\n"
+        "assert 'llama_cpp.llama_cpp' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_engine_loads_only_llama_cpp_bindings_and_leaves_the_package_whole() -> None:
+    """The engine imports llama-cpp-python's C bindings without its high-level package
+    (start-up), and a later `import llama_cpp` still gets the whole package, sharing
+    the same bindings module."""
+    code = (
+        "import sys\n"
+        "from llamba_cli.engine import Model\n"
+        "import llamba_cli.engine.llama as ffi\n"
+        "assert 'llama_cpp.llama' not in sys.modules and 'jinja2' not in sys.modules\n"
+        "import llama_cpp\n"
+        "assert llama_cpp.Llama and llama_cpp.__version__\n"
+        "assert llama_cpp.llama_cpp is ffi.lc and llama_cpp.llama_model_load_from_file\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
