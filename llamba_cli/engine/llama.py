@@ -76,10 +76,13 @@ _initialized = False
 
 
 def _init_backend() -> None:
+    """Once per process: llama.cpp's backends.  Every time: llama.cpp's log comes here
+    (the callback is process-wide, and llama-cpp-python's own package sets its own
+    when it is imported, so it is claimed again before each call whose log we read)."""
     global _initialized
+    if not os.environ.get("LLAMBA_LLAMA_LOG"):
+        lc.llama_log_set(_log_to_tail, ctypes.c_void_p(0))
     if not _initialized:
-        if not os.environ.get("LLAMBA_LLAMA_LOG"):
-            lc.llama_log_set(_log_to_tail, ctypes.c_void_p(0))
         lc.llama_backend_init()
         _initialized = True
 
@@ -306,6 +309,7 @@ class Context:
             "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
+        _init_backend()
         _LOG_TAIL.clear()
         ptr = lc.llama_init_from_model(model._ptr, params)
         if not ptr:
@@ -416,6 +420,7 @@ class GrammarSampler:
 
     @classmethod
     def compile(cls, model: Model, gbnf: str) -> GrammarSampler | None:
+        _init_backend()
         ptr = lc.llama_sampler_init_grammar(model._vocab, gbnf.encode(), b"root")
         return cls(ptr) if ptr else None
 

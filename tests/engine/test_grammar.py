@@ -368,3 +368,16 @@ def test_bad_grammar_or_grammar_on_labels_is_a_row_error(make_engine):
     assert bad.finish_reason == "error" and "Undefined rule identifier 'nope'" in bad.error
     assert labelled.finish_reason == "error" and "classification" in labelled.error
     assert good.error is None and good.text in ("yes", "no")
+
+
+def test_the_reason_survives_another_owner_of_llama_cpp_log(model):
+    """llama.cpp's log callback is process-wide, and importing llama-cpp-python's
+    package sets its own; a grammar error still says why afterwards."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger
+
+    llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    with pytest.raises(ConfigError, match="left recursion"):
+        Grammar(model, 'root ::= root "a" | "b"')
