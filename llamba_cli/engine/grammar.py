@@ -123,7 +123,7 @@ class _Pieces:
 
 # Tokens a stored table is checked on, besides every token it marks end-of-generation
 # and every single-byte probe: an independent random sample each time it is loaded.
-_SPOT_CHECKS = 1024
+_SPOT_CHECKS = 256
 
 
 def grammar_vocab_tables(model: Model) -> dict[str, np.ndarray]:
