@@ -221,7 +221,10 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
             _console(False).print(note)
         return
     # The model loads while the job's own imports and input checks run.
-    model = preload.take(spec) if cluster is None else None
+    model = None
+    if cluster is None:
+        engine = spec.engine
+        model = preload.take(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack)
     summary = _run_with_progress(spec, cluster, model)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)

@@ -1,12 +1,12 @@
-"""Start loading a job's model before the command line is parsed.
+"""Start loading a job's (or the server's) model before the command line is parsed.
 
 Parsing the options (Typer builds a validator per option) and importing what runs a
 job take a good part of a small job's start-up, and none of it needs the model; the
 model's load runs in llama.cpp with the GIL released.  So `entry()` guesses the
 model from the raw arguments (`--model`/`-m`, else the job file's `model`, else
-$LLAMBA_MODEL or the embedded one) and starts loading it at once; `take(spec)` hands
-that load to the job when the parsed spec asks for the same model with the same
-load settings, and otherwise discards it and starts the right one.  A wrong guess
+$LLAMBA_MODEL or the embedded one) and starts loading it at once; `take(...)` hands
+that load to the job or the server when the parsed options ask for the same model
+with the same load settings, and otherwise discards it and starts the right one.  A wrong guess
 costs a wasted load, never a wrong model.
 """
 
@@ -19,9 +19,8 @@ from llamba_cli.errors import LlambaError
 
 if TYPE_CHECKING:
     from llamba_cli.job.models import ModelLoad
-    from llamba_cli.job.spec import JobSpec
 
-_RUNS_A_JOB = ("generate", "classify", "run")
+_LOADS_A_MODEL = ("generate", "classify", "run", "serve")
 # Flags that change what or whether anything loads: with any of them, no guess.
 _NO_GUESS = ("-h", "--help", "--dry-run", "-ngl", "--n-gpu-layers", "--repack")
 
@@ -35,7 +34,7 @@ def speculate(argv: Sequence[str]) -> None:
     """Start loading the model that `argv` (without the program name) will most
     likely use; nothing when the command runs no job or the guess is unsure."""
     global _guess
-    if not argv or argv[0] not in _RUNS_A_JOB:
+    if not argv or argv[0] not in _LOADS_A_MODEL:
         return
     if any(a in _NO_GUESS or a.startswith(("--ray", "--n-gpu-layers=", "--repack=")) for a in argv):
         return
@@ -49,19 +48,19 @@ def speculate(argv: Sequence[str]) -> None:
     _guess = ModelLoad(model)
 
 
-def take(spec: JobSpec) -> ModelLoad:
-    """The load for `spec`'s model: the guessed one when it matches, else a new one."""
+def take(model: str | None, *, n_gpu_layers: int = -1, repack: bool | None = None) -> ModelLoad:
+    """The load of `model` with these settings: the guessed one when it matches, else a
+    new one."""
     global _guess, _taken
     from llamba_cli.job.models import ModelLoad
 
     guess, _guess = _guess, None
-    engine = spec.engine
     if guess is not None:
-        if guess.serves(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack):
+        if guess.serves(model, n_gpu_layers=n_gpu_layers, repack=repack):
             _taken = guess
             return guess
         guess.discard()
-    return ModelLoad(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack)
+    return ModelLoad(model, n_gpu_layers=n_gpu_layers, repack=repack)
 
 
 def _model_flag(argv: Sequence[str]) -> str | None:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from llamba_cli.cli import preload
 from llamba_cli.engine import EngineConfig
 from llamba_cli.errors import ConfigError
 from llamba_cli.job.models import resolve_model_path
@@ -191,6 +192,10 @@ def run_serve(values: Mapping[str, Any]) -> int:
     from llamba_cli.server import serve
 
     config = build_config(values)
+    engine = config.engine
+    model = preload.take(
+        values.get("model"), n_gpu_layers=engine.n_gpu_layers, repack=engine.repack
+    )
 
     def log(message: str) -> None:
         print(f"llamba: {message}", file=sys.stderr, flush=True)
@@ -199,6 +204,6 @@ def run_serve(values: Mapping[str, Any]) -> int:
         print(url, flush=True)
         log(f"listening on {url} (loading the model; /health answers 503 until it is ready)")
 
-    code = serve(config, log=log, announce=announce)
+    code = serve(config, log=log, announce=announce, model=model)
     log("stopped")
     return code

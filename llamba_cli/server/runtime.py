@@ -2,7 +2,8 @@
 
     loading -> ready -> stopping        (or loading -> failed, ready -> failed)
 
-The model loads on a thread of its own once the socket is bound, so `/health` can
+The model loads on a thread of its own once the socket is bound (or earlier: the
+command line starts loading it before it parses its options), so `/health` can
 answer 503 meanwhile.  Once ready, `api` maps request bodies and `loop` (an
 `EngineLoop`, the engine on its own thread) runs them.  A failure to load, or the
 engine loop stopping on a llama.cpp failure, is logged once and asks the server
@@ -13,12 +14,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from llamba_cli.engine import Engine, EngineLoop, LoopStats, Model
 from llamba_cli.errors import LlambaError
 from llamba_cli.openai import OpenAIApi, served_model
 from llamba_cli.server.config import ServerConfig
 from llamba_cli.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from llamba_cli.job.models import ModelLoad
 
 LOADING, READY, STOPPING, FAILED = "loading", "ready", "stopping", "failed"
 
@@ -30,8 +35,10 @@ class Runtime:
         *,
         log: Callable[[str], None],
         stop_server: Callable[[], None] = lambda: None,
+        model: ModelLoad | None = None,
     ) -> None:
         self.config = config
+        self._preload = model
         self.log = log
         self.stop_server = stop_server
         self.state = LOADING
@@ -60,7 +67,10 @@ class Runtime:
     def _load(self) -> None:
         cfg = self.config.engine
         try:
-            model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack)
+            if self._preload is not None:
+                _, model = self._preload.result()
+            else:
+                model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack)
             self._model = model
             served = served_model(
                 model,

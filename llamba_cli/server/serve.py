@@ -13,6 +13,7 @@ import contextlib
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -20,6 +21,9 @@ from llamba_cli.errors import ConfigError
 from llamba_cli.server.app import create_app
 from llamba_cli.server.config import ServerConfig
 from llamba_cli.server.runtime import Runtime
+
+if TYPE_CHECKING:
+    from llamba_cli.job.models import ModelLoad
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -65,9 +69,11 @@ def serve(
     *,
     log: Callable[[str], None],
     announce: Callable[[str], None],
+    model: ModelLoad | None = None,
 ) -> int:
     """Serve until stopped; returns the exit code (0 after a clean shutdown, 2 when the
-    model could not load, 3 when llama.cpp failed for good)."""
+    model could not load, 3 when llama.cpp failed for good).  `model`: the configured
+    model, already loading (else the server loads it once bound)."""
     sock = bind(config.host, config.port)
     server: uvicorn.Server | None = None
 
@@ -75,7 +81,7 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    runtime = Runtime(config, log=log, stop_server=stop)
+    runtime = Runtime(config, log=log, stop_server=stop, model=model)
     app = create_app(runtime)
     server = uvicorn.Server(
         uvicorn.Config(

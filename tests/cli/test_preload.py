@@ -19,8 +19,11 @@ def no_guess_left() -> Iterator[None]:
         preload._guess = None
 
 
-def _spec(**values: object) -> object:
-    return build_spec({"task": "generate", "input": "in.jsonl", **values})
+def _take(**values: object) -> object:
+    """What the job commands take for the spec these values make."""
+    spec = build_spec({"task": "generate", "input": "in.jsonl", **values})
+    engine = spec.engine
+    return preload.take(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack)
 
 
 @pytest.mark.parametrize(
@@ -29,7 +32,7 @@ def _spec(**values: object) -> object:
         [],
         ["--help"],
         ["formats"],
-        ["serve"],
+        ["serve", "--help"],
         ["validate", "jobs/generate.toml"],
         ["generate", "--help"],
         ["generate", "in.jsonl", "--dry-run"],
@@ -49,7 +52,7 @@ def test_the_guess_is_taken_when_the_spec_wants_the_same_model(model_path: Path)
     preload.speculate(["generate", "in.jsonl", "-o", "out.jsonl"])
     guess = preload._guess
     assert guess is not None
-    taken = preload.take(_spec())
+    taken = _take()
     assert taken is guess and preload._guess is None
     assert taken.result()[0] == model_path
     taken.discard()
@@ -59,11 +62,18 @@ def test_a_wrong_guess_is_discarded_and_the_right_model_loads(model_path: Path) 
     preload.speculate(["classify", "in.jsonl", "--model", "/no/such/model.gguf"])
     guess = preload._guess
     assert guess is not None
-    taken = preload.take(_spec(repack=False))  # the spec says otherwise
+    taken = _take(repack=False)  # the spec says otherwise
     assert taken is not guess
     assert taken.settings == (None, -1, False)
     assert taken.result()[0] == model_path
     taken.discard()
+
+
+def test_serve_guesses_too(model_path: Path) -> None:
+    preload.speculate(["serve", "--port", "0", "-m", str(model_path)])
+    guess = preload._guess
+    assert guess is not None
+    assert preload.take(str(model_path)) is guess
 
 
 def test_a_job_file_names_the_model(tmp_path: Path, model_path: Path) -> None:
