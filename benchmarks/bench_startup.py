@@ -9,7 +9,10 @@ much as throughput.  Every contender is a fresh process timed from spawn to exit
 - llama.cpp's own tools: `llama-simple` (load, one prompt, exit), `llama-cli`
   (single turn, `-st`) and `llama-cli --help`;
 - llama-cpp-python: `python -c` that imports `llama_cpp`, builds `Llama` and runs one
-  completion.
+  completion;
+- servers, timed from spawn until their health check answers 200 (model loaded, ready
+  for requests), then stopped: `llamba serve`, llama.cpp's `llama-server` and
+  llama-cpp-python's server (`/v1/models`: it loads the model before it listens).
 
 Rounds are interleaved (A B C ... A B C ...) and the report gives the median and
 min-max per contender.  Run it on an otherwise idle machine:
@@ -27,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +57,8 @@ class Contender:
     env: dict[str, str] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     error: str | None = None
+    # A server: argv holds "{port}", and the time is spawn until GET ready_path is 200.
+    ready_path: str | None = None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -202,13 +209,108 @@ def contenders(args: argparse.Namespace, model: Path, work: Path) -> list[Conten
             f"import, Llama(...), one completion of {args.tokens} tokens",
         )
     )
+    out += servers(args, model, tools, env)
     if args.contenders != "all":
         wanted = {w.strip() for w in args.contenders.split(",")}
         out = [c for c in out if c.name in wanted]
     return out
 
 
+def servers(
+    args: argparse.Namespace, model: Path, tools: common.Tools, env: dict[str, str]
+) -> list[Contender]:
+    threads, ctx = str(args.threads), str(args.ctx)
+    out = [
+        Contender(
+            "llamba serve: /health 200",
+            [
+                sys.executable, "-m", "llamba_cli", "serve", "-m", str(model),
+                "--host", "127.0.0.1", "--port", "{port}", "--slots", "4", "--ctx", ctx,
+                "--threads", threads, "--flash-attn", "on",
+            ],
+            "spawn until the model is loaded and the server ready, 4 slots",
+            env,
+            ready_path="/health",
+        ),
+    ]  # fmt: skip
+    if tools.bin_dir is not None:
+        server = tools.path("llama-server")
+        out.append(
+            Contender(
+                "llama-server: /health 200",
+                [
+                    str(server), "-m", str(model), "--host", "127.0.0.1", "--port", "{port}",
+                    "-np", "4", "-c", str(4 * args.ctx), "-t", threads, "-fa", "on",
+                    *([] if common.repack_supported() else ["--no-repack"]), "--no-webui",
+                ],
+                "spawn until the model is loaded and the server ready, 4 slots",
+                ready_path="/health",
+            )
+        )  # fmt: skip
+        if not os.access(server, os.X_OK):
+            out[-1].error = f"llama-server not built in {tools.bin_dir}"
+    # As in bench_serve.py: llama.cpp's extra buffer types off where llamba turns them off.
+    code = (
+        "import runpy, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import reference\n"
+        "sys.argv = ['llama_cpp.server', *sys.argv[2:]]\n"
+        "with reference.extra_bufts_disabled():\n"
+        "    runpy.run_module('llama_cpp.server', run_name='__main__')\n"
+    )
+    out.append(
+        Contender(
+            "llama-cpp-python server: /v1/models 200",
+            [
+                sys.executable, "-c", code, str(common.BENCH_DIR), "--model", str(model),
+                "--host", "127.0.0.1", "--port", "{port}", "--n_ctx", ctx,
+                "--n_threads", threads, "--flash_attn", "true",
+            ],
+            "spawn until it answers (it loads the model before it listens)",
+            ready_path="/v1/models",
+        )
+    )  # fmt: skip
+    return out
+
+
+def time_ready(c: Contender) -> float:
+    """Spawn the server, poll its ready path every 5 ms until 200, stop it."""
+    assert c.ready_path is not None
+    port = common.free_port()
+    argv = [a.replace("{port}", str(port)) for a in c.argv]
+    url = f"http://127.0.0.1:{port}{c.ready_path}"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, **c.env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while time.perf_counter() - t0 < 300:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited {proc.returncode} before it was ready")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - t0
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass  # not listening yet, or 503 while loading
+            time.sleep(0.005)
+        raise RuntimeError("not ready after 300 s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def time_once(c: Contender) -> float:
+    if c.ready_path is not None:
+        return time_ready(c)
     t0 = time.perf_counter()
     done = subprocess.run(
         c.argv,
@@ -257,7 +359,7 @@ def report(args: argparse.Namespace, cs: list[Contender], facts: list[str]) -> s
     header = ["contender", "median s", "min-max s", "what runs", "note"]
     return "\n".join(
         [
-            "# Start-up: one-row jobs and `--help`, wall time per process",
+            "# Start-up: one-row jobs, `--help` and servers, wall time per process",
             "",
             f"Command: `{common.command_line()}`",
             "",
@@ -268,7 +370,8 @@ def report(args: argparse.Namespace, cs: list[Contender], facts: list[str]) -> s
             common.markdown_table(header, rows),
             "",
             "Each time is one whole process, from spawn to exit: interpreter start, imports,"
-            " model load (memory-mapped, page cache warm), context, the job, output, exit.",
+            " model load (memory-mapped, page cache warm), context, the job, output, exit;"
+            " for a server, from spawn until its health check answers 200.",
         ]
     )
 
