@@ -22,16 +22,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llamba_cli import __version__
-
 try:  # recent typer vendors its own copy of click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - typer releases that depend on click
     from click import exceptions as click_exc  # type: ignore[no-redef]
-from llamba_cli.cli import preload, serve
+from llamba_cli.cli import listing, preload, serve
 from llamba_cli.cli.options import OPTIONS, take_ray
 from llamba_cli.errors import ConfigError, LlambaError
-from llamba_cli.job.formats import list_formats, load_format
 from llamba_cli.job.interrupt import Interrupted, signals_raise
 from llamba_cli.job.spec import BATCH_REFUSED, JobSpec, build_spec, load_job_file
 
@@ -172,17 +169,13 @@ serve.register(app, {key: (option.annotation, option.info) for key, option in OP
 @app.command("formats")
 def formats_command() -> None:
     """List the packaged prompt formats."""
-    from rich.text import Text
-
-    for name in list_formats():
-        fmt = load_format(name)
-        _console(False).print(Text.assemble((f"{name:10}", "bold"), " ", fmt.description))
+    listing.print_formats()
 
 
 @app.command("version")
 def version_command() -> None:
     """Print llamba's version."""
-    _console(False).print(f"llamba {__version__}")
+    listing.print_version()
 
 
 def _execute(command: str, kwargs: dict[str, Any]) -> None:

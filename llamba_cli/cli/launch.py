@@ -11,9 +11,19 @@ import sys
 
 
 def entry() -> None:
+    argv = sys.argv[1:]
+    # Commands without options need no parser: the same output, a tenth of a second sooner.
+    if argv in (["formats"], ["version"]):
+        from llamba_cli.cli import listing
+
+        if argv[0] == "formats":
+            listing.print_formats()
+        else:
+            listing.print_version()
+        return
     from llamba_cli.cli import preload
 
-    preload.speculate(sys.argv[1:])
+    preload.speculate(argv)
     from llamba_cli.cli.app import entry as run_and_exit
 
     run_and_exit()

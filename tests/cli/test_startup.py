@@ -99,3 +99,26 @@ def test_the_engine_loads_only_llama_cpp_bindings_and_leaves_the_package_whole()
         "assert llama_cpp.llama_cpp is ffi.lc and llama_cpp.llama_model_load_from_file\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["formats", "version"])
+def test_option_less_commands_answer_without_the_parser_and_say_the_same(command: str) -> None:
+    """`llamba formats` / `version` skip Typer (start-up) and print what the Typer
+    command prints."""
+    from typer.testing import CliRunner
+
+    from llamba_cli.cli.app import app
+
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['llamba', {command!r}]\n"
+        "from llamba_cli.cli.launch import entry\n"
+        "entry()\n"
+        "assert 'typer' not in sys.modules and 'pydantic' not in sys.modules\n"
+    )
+    fast = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    parsed = CliRunner().invoke(app, [command])
+    assert parsed.exit_code == 0
+    assert fast.stdout == parsed.stdout and fast.stdout.strip()
