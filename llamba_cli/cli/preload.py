@@ -6,8 +6,8 @@ model's load runs in llama.cpp with the GIL released.  So `entry()` guesses the
 model from the raw arguments (`--model`/`-m`, else the job file's `model`, else
 $LLAMBA_MODEL or the embedded one) and starts loading it at once; `take(...)` hands
 that load to the job or the server when the parsed options ask for the same model
-with the same load settings, and otherwise discards it and starts the right one.  A wrong guess
-costs a wasted load, never a wrong model.
+with the same load settings, and otherwise discards it and starts the right one.
+A wrong guess costs a wasted load, never a wrong model.
 """
 
 from __future__ import annotations

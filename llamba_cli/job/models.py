@@ -81,11 +81,11 @@ def model_identity(path: Path) -> dict[str, Any]:
 
 
 class ModelLoad:
-    """A job's model, loading on a thread of its own while the caller does other work.
+    """A model loading on a thread of its own while the caller does other work.
 
     llama.cpp's load (reading the weights, building the vocabulary, repacking) runs in
     C with the GIL released, so imports, opening the input and checking it overlap
-    with it; on a small job that is a good part of the start-up.  `result()` waits
+    with it; on a small job (or a server's start) that is most of the wait.  `result()` waits
     and returns the loaded model, or raises what resolving or loading raised, at the
     point where the caller would have loaded it itself (so errors keep their order).
     `discard()` is for a caller that will not take it: the model is freed once
