@@ -87,3 +87,44 @@ def test_a_job_file_names_the_model(tmp_path: Path, model_path: Path) -> None:
     preload._guess = None
     preload.speculate(["run", str(job)])
     assert preload._guess is None  # load settings in the file: no guess
+
+
+def test_a_wrong_guess_through_the_installed_entry_still_runs_the_right_model(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """`-mPATH` is a form the guess does not read: it loads the default model, the
+    parsed options name another file, and the job runs on that one."""
+    import json
+    import subprocess
+    import sys
+
+    other = tmp_path / "other.gguf"
+    other.symlink_to(model_path)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "One, two,"}\n')
+    out = tmp_path / "out.jsonl"
+    probe = (
+        "import sys\n"
+        "from llamba_cli.cli import preload\n"
+        "from llamba_cli.cli.launch import entry\n"
+        "sys.argv = ['llamba', *sys.argv[1:]]\n"
+        "import llamba_cli.cli.app as app\n"
+        "run = app.main\n"
+        "def main():\n"
+        "    guess = preload._guess\n"
+        "    try:\n"
+        "        run()\n"
+        "    finally:\n"
+        "        assert guess is not None and guess._discarded, 'the guess was not discarded'\n"
+        "        assert preload._taken is None\n"
+        "app.main = main\n"
+        "entry()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "generate", str(src), "-o", str(out), f"-m{other}",
+         "--max-tokens", "2", "--temperature", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a"] and rows[0]["error"] is None
