@@ -109,26 +109,17 @@ def register(app: typer.Typer, options: Mapping[str, tuple[Any, Any]]) -> None:
         code = run_serve(kwargs)
         raise typer.Exit(code)
 
-    params = []
-    for key in SHARED:
-        annotation, option = options[key]
-        params.append(
-            inspect.Parameter(
-                key,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=None,
-                annotation=Annotated[annotation, option],
-            )
+    shared = [(key, options[key][0], None, options[key][1]) for key in SHARED]
+    own = [(key, *spec) for key, spec in OWN.items()]
+    params = [
+        inspect.Parameter(
+            key,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=default,
+            annotation=Annotated[annotation, option],
         )
-    for key, (annotation, default, option) in OWN.items():
-        params.append(
-            inspect.Parameter(
-                key,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=default,
-                annotation=Annotated[annotation, option],
-            )
-        )
+        for key, annotation, default, option in shared + own
+    ]
     serve_command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     serve_command.__doc__ = (
         "Serve the model over HTTP: OpenAI-compatible completions and chat, classify, "

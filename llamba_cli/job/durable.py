@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from llamba_cli.errors import OutputError
@@ -28,19 +29,24 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(hidden + TMP_SUFFIX)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temp file, fsync, rename, fsync of the directory."""
+def atomic_replace(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace `path` with what `write(tmp)` writes to a temporary file beside it:
+    then fsync, rename, fsync of the directory.  On any failure the temporary file
+    is removed and `path` is left as it was."""
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+        write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (see `atomic_replace`)."""
+    atomic_replace(path, lambda tmp: tmp.write_bytes(data))
 
 
 def fsync_file(path: Path) -> None:

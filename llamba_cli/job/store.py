@@ -54,6 +54,7 @@ from llamba_cli.job.columns import merge_parquet_parts, rows_to_table
 from llamba_cli.job.durable import (
     TMP_SUFFIX,
     OutputLock,
+    atomic_replace,
     atomic_write,
     fsync_dir,
     fsync_file,
@@ -329,15 +330,8 @@ class OutputStore:
             self._write_manifest(may_supersede=True)  # before any superseding row lands
         part = self.layout.part(self._next_part)
         if self.format == "parquet":
-            tmp = tmp_name(part)
-            try:
-                pq.write_table(rows_to_table(rows, self.schema), tmp)
-                fsync_file(tmp)
-                os.replace(tmp, part)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            fsync_dir(self.work_dir)
+            table = rows_to_table(rows, self.schema)
+            atomic_replace(part, lambda tmp: pq.write_table(table, tmp))
         else:
             atomic_write(part, b"".join(json_line(row) for row in rows))
         self._next_part += 1

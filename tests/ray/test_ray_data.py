@@ -147,19 +147,30 @@ def test_classify_job_file_on_ray_agrees_with_local_run(cluster, tmp_path):
         assert rows[i]["gold"] == local_rows[i]["gold"]
 
 
+def one_actor_job(cluster: str, src: Path, out: Path) -> list[str]:
+    """A generate job on one actor in small blocks, so it writes parts early."""
+    args = ["generate", str(src), "-o", str(out), "--slots", "2", "--max-tokens", "12"]
+    return args + on_ray(cluster, actors=1, block_rows=4)
+
+
+def start_driver(args: list[str], *, stderr: int) -> subprocess.Popen[str]:
+    """`llamba ARGS` as a process of its own, to be killed or to have its actor killed."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "llamba_cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, "LLAMBA_PROGRESS": "off"},
+    )
+
+
 def test_killed_driver_then_rerun_writes_every_id_once(cluster, tmp_path):
     src = tmp_path / "prompts.jsonl"
     ids = prompts_file(src)
     out = tmp_path / "gen.jsonl"
-    args = ["generate", str(src), "-o", str(out), "--slots", "2", "--max-tokens", "12"]
-    args += on_ray(cluster, actors=1, block_rows=4)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "llamba_cli", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "LLAMBA_PROGRESS": "off"},
-    )
+    args = one_actor_job(cluster, src, out)
+    driver = start_driver(args, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("part-*.jsonl")) and time.monotonic() < deadline:
@@ -199,16 +210,7 @@ def test_killed_actor_is_replaced_and_every_id_written_once(cluster, tmp_path):
     src = tmp_path / "prompts.jsonl"
     ids = prompts_file(src)
     out = tmp_path / "gen.parquet"
-    args = ["generate", str(src), "-o", str(out), "--slots", "2", "--max-tokens", "12"]
-    args += on_ray(cluster, actors=1, block_rows=4)
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "llamba_cli", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "LLAMBA_PROGRESS": "off"},
-    )
+    driver = start_driver(one_actor_job(cluster, src, out), stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:

@@ -22,7 +22,7 @@ locked as a local output is (`OutputLock`, `.<name>.llamba.lock` beside it).
 
 from __future__ import annotations
 
-import os
+import functools
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llamba_cli.errors import OutputError, ResumeError
-from llamba_cli.job.durable import OutputLock, atomic_write, fsync_dir, fsync_file
+from llamba_cli.job.durable import OutputLock, atomic_replace, atomic_write, fsync_dir
 from llamba_cli.job.ids import StoredIds, contains, id_hash, id_hashes
 from llamba_cli.job.layout import output_format as _output_format
 from llamba_cli.job.manifest import RERUN_HINT, check_fingerprint
@@ -95,23 +95,14 @@ class PartFolder:
     def write_part(self, ids: list[str], errors: np.ndarray, payload: pa.Table | bytes) -> None:
         """Publish one block: a table (Parquet) or JSON lines (JSONL), atomically."""
         part = self.path / f"part-{self._next:06d}.{self.format}"
-        tmp = self.path / f".{part.name}.tmp"
         try:
             if isinstance(payload, pa.Table):
-                pq.write_table(payload, tmp)
-                fsync_file(tmp)
+                atomic_replace(part, lambda tmp: pq.write_table(payload, tmp))
             else:
-                with open(tmp, "wb") as stream:
-                    stream.write(payload)
-                    stream.flush()
-                    os.fsync(stream.fileno())
-            os.replace(tmp, part)
-            fsync_dir(self.path)
+                atomic_write(part, payload)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write '{part}': {e.strerror or e}") from None
         except pa.ArrowException as e:
-            tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot write '{part}': {e}") from None
         hashes = id_hashes(ids)
         if (
@@ -220,28 +211,17 @@ class PartFolder:
             if not mask.all():
                 if self.format == "parquet":
                     table = pq.read_table(part).filter(pa.array(mask))
-                    self._replace(part, lambda tmp, t=table: pq.write_table(t, tmp))
+                    atomic_replace(part, functools.partial(pq.write_table, table))
                 else:
                     lines = [ln for ln in part.read_bytes().splitlines(keepends=True) if ln.strip()]
                     kept = b"".join(line for line, k in zip(lines, mask, strict=True) if k)
-                    self._replace(part, lambda tmp, data=kept: tmp.write_bytes(data))
+                    atomic_write(part, kept)
             kept_ids.add(hashes[rows][mask], errors[rows][mask])
             kept_files.append(part)
             kept_rows.append(int(mask.sum()))
         kept_ids.freeze(self.retry_errors)
         self._files, self._rows, self._ids = kept_files, kept_rows, kept_ids
         self._write_manifest(may_supersede=None)
-
-    def _replace(self, part: Path, write: Any) -> None:
-        tmp = self.path / f".{part.name}.tmp"
-        try:
-            write(tmp)
-            fsync_file(tmp)
-            os.replace(tmp, part)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.path)
 
     # -- helpers --------------------------------------------------------------------
 
