@@ -9,6 +9,7 @@ without asking the grammar about the whole vocabulary (see `_GrammarVocab`).
 
 from __future__ import annotations
 
+import random
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,13 +20,13 @@ from llamba_cli.engine.capture import capture_stderr
 from llamba_cli.engine.llama import (
     PRIMITIVE_RULES,
     RESERVED_NAMES,
-    TOKEN_DATA,
     BuiltinRule,
     GrammarSampler,
     Model,
     SchemaConverter,
     clear_log,
     recent_log,
+    token_data_dtype,
     vocab_pieces,
 )
 from llamba_cli.engine.schema import (
@@ -154,8 +155,8 @@ def use_grammar_vocab_tables(model: Model, tables: dict[str, np.ndarray]) -> boo
             return False
         arrays[name] = a
     pieces = _Pieces(**arrays)
-    rng = np.random.default_rng()
-    check = {int(t) for t in rng.integers(0, n, size=min(_SPOT_CHECKS, n))}
+    # The standard library's generator: numpy's would import numpy.random (10 ms).
+    check = set(random.sample(range(n), min(_SPOT_CHECKS, n)))
     check |= {int(t) for t in np.flatnonzero(pieces.eog | pieces.single)}
     check |= {t for t in (model.eos, model.bos) if 0 <= t < n}
     ids = np.array(sorted(check), dtype=np.int64)
@@ -200,7 +201,9 @@ class _GrammarVocab:
             probes[first[t]] = t
         self.banned = control & ~eog
         self.eog = np.flatnonzero(eog).astype(np.int32)
-        key = first.astype(np.int32)
+        # int16 keys (0..257): numpy's stable sort of 16-bit integers is a radix sort,
+        # a fifth of the time of a merge sort over 262,144 int32 keys.
+        key = first.astype(np.int16)
         key[(key < 256) & (probes[np.minimum(key, 255)] < 0)] = 256
         key[eog] = 256  # always a candidate
         key[self.banned | ((first == 256) & ~eog)] = 257  # never
@@ -212,16 +215,16 @@ class _GrammarVocab:
 
 
 class _Scratch:
-    """A `TOKEN_DATA` buffer shared by every state of one compiled grammar (one
+    """A `llama_token_data` buffer shared by every state of one compiled grammar (one
     sequence is sampled at a time)."""
 
     def __init__(self, model: Model) -> None:
         self.vocab = _GrammarVocab.of(model)
-        self.buffer = np.zeros(0, dtype=TOKEN_DATA)
+        self.buffer = np.zeros(0, dtype=token_data_dtype())
 
     def view(self, n: int) -> np.ndarray:
         if len(self.buffer) < n:
-            self.buffer = np.zeros(max(n, 2 * len(self.buffer)), dtype=TOKEN_DATA)
+            self.buffer = np.zeros(max(n, 2 * len(self.buffer)), dtype=token_data_dtype())
         return self.buffer[:n]
 
 

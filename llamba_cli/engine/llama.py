@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib
 import importlib.util
 import os
@@ -23,8 +24,6 @@ from collections import deque
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from llamba_cli.errors import EngineError, ModelError
 
@@ -48,6 +47,7 @@ def _bindings() -> tuple[ModuleType, ModuleType]:
 
 if TYPE_CHECKING:
     import llama_cpp.llama_cpp as lc
+    import numpy as np
 
     # llama-cpp-python's JSON Schema -> GBNF converter (pure Python), for `grammar.py`.
     from llama_cpp.llama_grammar import PRIMITIVE_RULES as PRIMITIVE_RULES
@@ -245,6 +245,8 @@ class Batch:
     """
 
     def __init__(self, capacity: int) -> None:
+        import numpy as np
+
         self.capacity = capacity
         self.token = np.zeros(capacity, dtype=np.int32)
         self.pos = np.zeros(capacity, dtype=np.int32)
@@ -344,6 +346,8 @@ class Context:
     def logits(self, n_outputs: int) -> np.ndarray:
         """Zero-copy [n_outputs, n_vocab] float32 view of the last decode's logits,
         rows in batch order of the tokens flagged for output. Valid until the next decode."""
+        import numpy as np
+
         if n_outputs == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         ptr = lc.llama_get_logits(self._ptr)
@@ -368,9 +372,14 @@ class Context:
 # -- grammar sampling: the FFI only (the logic is in `grammar.py`) ----------------------
 
 
-# A `llama_token_data` array as numpy sees it.
-TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-assert TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
+@functools.cache
+def token_data_dtype() -> np.dtype[Any]:
+    """A `llama_token_data` array as numpy sees it."""
+    import numpy as np
+
+    dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+    assert dtype.itemsize == ctypes.sizeof(lc.llama_token_data)
+    return dtype
 
 
 def vocab_pieces(
@@ -380,6 +389,8 @@ def vocab_pieces(
     tokens): the first byte of its piece as llama.cpp's grammar matches it (special
     tokens as their text; 256 for an empty piece), whether the piece is that one byte
     alone, whether it is a control token, and whether it ends generation."""
+    import numpy as np
+
     ids = range(model.n_vocab) if tokens is None else [int(t) for t in tokens]
     n = len(ids)
     vocab = model._vocab
@@ -410,8 +421,8 @@ class GrammarSampler:
 
     `GrammarSampler.compile` returns None when llama.cpp cannot parse the grammar (it
     prints why on stderr; see `capture.py`).  `apply` sets the logit of every token in
-    a `TOKEN_DATA` array that the grammar rejects to -inf.  `accept` must only get a
-    token the grammar allows: llama.cpp aborts the process on anything else.
+    a `token_data_dtype()` array that the grammar rejects to -inf.  `accept` must only
+    get a token the grammar allows: llama.cpp aborts the process on anything else.
     """
 
     def __init__(self, ptr: Any) -> None:

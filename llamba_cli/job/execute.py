@@ -33,7 +33,7 @@ from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.store import OutputStore
 from llamba_cli.job.structured import Constraint, load_constraint
 from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_metrics
-from llamba_cli.job.vocab_cache import prime_grammar_vocab
+from llamba_cli.job.vocab_cache import StoredVocab, prime_grammar_vocab, read_grammar_vocab
 from llamba_cli.job.writer import ResultWriter
 
 
@@ -97,7 +97,13 @@ class Job:
             )
         # Read and convert before the model loads, compile against its vocabulary after.
         self.constraint: Constraint | None = load_constraint(spec.json_schema, spec.grammar)
+        identity: dict[str, Any] | None = None
+        stored_vocab: StoredVocab | None = None
         if isinstance(model, ModelLoad):  # started by the caller, so it overlaps the above
+            if model.path is not None:  # and so does what needs only the model's file
+                identity = model_identity(model.path)
+                if self.constraint is not None:
+                    stored_vocab = read_grammar_vocab(model.path)
             self.model_path, self.model = model.result()
         else:
             self.model_path = resolve_model_path(spec.model)
@@ -110,7 +116,7 @@ class Job:
                 f"({self.model.n_ctx_train})"
             )
         if self.constraint is not None:
-            prime_grammar_vocab(self.model, self.model_path)
+            prime_grammar_vocab(self.model, self.model_path, stored_vocab)
             self.constraint.check(self.model)
         self.format = self._prompt_format()
         self.builder = PromptBuilder(
@@ -127,7 +133,8 @@ class Job:
         self.check_input()
         if self.labels is not None:
             self._check_label_tokens(self.labels)
-        self.fingerprint = spec.fingerprint(model_identity(self.model_path), self.format.name)
+        identity = identity or model_identity(self.model_path)
+        self.fingerprint = spec.fingerprint(identity, self.format.name)
         self._max_prompt_bytes: int | None = None
 
     def check_input(self) -> None:

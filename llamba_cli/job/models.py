@@ -69,15 +69,27 @@ def _embedded_model() -> Path:
 
 
 def model_identity(path: Path) -> dict[str, Any]:
-    """Name, size and a hash of the head and tail: cheap, and changes with the weights."""
+    """Name, size and a hash of the head and tail: cheap, and changes with the weights.
+
+    Remembered per file for as long as its size, modification time and inode stay the
+    same (a job asks for it twice: the output's fingerprint and the vocabulary cache)."""
     st = path.stat()
+    key = (os.fspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    known = _identities.get(key)
+    if known is not None:
+        return dict(known)
     h = hashlib.sha256()
     with path.open("rb") as f:
         h.update(f.read(1 << 20))
         if st.st_size > 2 << 20:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read(1 << 20))
-    return {"name": path.name, "size": st.st_size, "sha256_head_tail": h.hexdigest()[:16]}
+    ident = {"name": path.name, "size": st.st_size, "sha256_head_tail": h.hexdigest()[:16]}
+    _identities[key] = ident
+    return dict(ident)
+
+
+_identities: dict[tuple[str, int, int, int], dict[str, Any]] = {}
 
 
 class ModelLoad:
@@ -98,6 +110,7 @@ class ModelLoad:
         self._error: BaseException | None = None
         self._discarded = False
         self._thread: threading.Thread | None = None
+        self.path: Path | None = None  # known before the load ends, unless resolving failed
         try:
             # On the caller's thread: resolving imports llama.cpp, and importing on
             # two threads at once gains nothing under the GIL.
@@ -119,6 +132,7 @@ class ModelLoad:
     def _load(self, n_gpu_layers: int, repack: bool | None) -> None:
         from llamba_cli.engine import Model
 
+        assert self.path is not None  # the thread starts only once it is resolved
         try:
             model = Model(self.path, n_gpu_layers=n_gpu_layers, repack=repack)
         except BaseException as e:  # handed to the taker
@@ -153,7 +167,7 @@ class ModelLoad:
             self._thread.join()
         if self._error is not None:
             raise self._error
-        assert self._model is not None
+        assert self._model is not None and self.path is not None
         return self.path, self._model
 
     def discard(self) -> None:

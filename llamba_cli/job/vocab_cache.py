@@ -20,6 +20,7 @@ import contextlib
 import importlib.metadata
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,30 @@ def cache_path(model_path: Path) -> Path:
     return cache_dir() / name
 
 
-def prime_grammar_vocab(model: Model, model_path: Path) -> str:
-    """Make `model`'s grammar vocabulary tables ready, from the cache when a valid
-    copy is there.  Returns what happened: "cached", "built" or "built, not stored"."""
+@dataclass(frozen=True)
+class StoredVocab:
+    """What the cache holds for one model file: read before the model is loaded (it
+    needs only the file), checked against the model after."""
+
+    path: Path
+    tables: dict[str, Any] | None  # None: missing, unreadable or not ours
+
+
+def read_grammar_vocab(model_path: Path) -> StoredVocab:
     path = cache_path(model_path)
-    tables = _read(path)
-    if tables is not None and use_grammar_vocab_tables(model, tables):
+    return StoredVocab(path, _read(path))
+
+
+def prime_grammar_vocab(model: Model, model_path: Path, stored: StoredVocab | None = None) -> str:
+    """Make `model`'s grammar vocabulary tables ready, from the cache when a valid
+    copy is there (`stored`: read earlier by `read_grammar_vocab`, while the model
+    loaded).  Returns what happened: "cached", "built" or "built, not stored"."""
+    if stored is None:
+        stored = read_grammar_vocab(model_path)
+    if stored.tables is not None and use_grammar_vocab_tables(model, stored.tables):
         return "cached"
     fresh = grammar_vocab_tables(model)
-    return "built" if _write(path, fresh) else "built, not stored"
+    return "built" if _write(stored.path, fresh) else "built, not stored"
 
 
 def _read(path: Path) -> dict[str, Any] | None:

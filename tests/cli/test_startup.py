@@ -9,6 +9,7 @@ files).  Each case runs in a fresh interpreter, as the installed command does.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,6 +100,46 @@ def test_the_engine_loads_only_llama_cpp_bindings_and_leaves_the_package_whole()
         "assert llama_cpp.llama_cpp is ffi.lc and llama_cpp.llama_model_load_from_file\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_guessed_load_starts_before_the_heavy_imports() -> None:
+    """The model's load is most of a small job's wall time, so it starts before numpy,
+    pyarrow and the parser are imported (they run beside it); and it loads."""
+    code = (
+        "import sys\n"
+        "from llamba_cli.cli import preload\n"
+        "preload.speculate(['generate', 'in.jsonl', '-o', 'out.jsonl'])\n"
+        "guess = preload._guess\n"
+        "late = {'numpy', 'pyarrow', 'jinja2', 'typer', 'pydantic', 'rich'}\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & late)\n"
+        "assert heavy == [], heavy\n"
+        "path, model = guess.result()\n"
+        "assert model.n_vocab > 0 and path.suffix == '.gguf'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("3", "3")])
+def test_the_command_keeps_numpy_blas_to_one_thread_unless_told(
+    given: str | None, seen: str
+) -> None:
+    """numpy's BLAS threads would spin beside the model's load; no llamba code uses
+    them.  A user's own OPENBLAS_NUM_THREADS stands."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    probe = (
+        "import os, sys\n"
+        "sys.argv = ['llamba', 'version']\n"
+        "from llamba_cli.cli.launch import entry\n"
+        "entry()\n"
+        "print('BLAS=' + os.environ['OPENBLAS_NUM_THREADS'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == f"BLAS={seen}"
 
 
 @pytest.mark.parametrize("command", ["formats", "version"])
