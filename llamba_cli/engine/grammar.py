@@ -10,6 +10,7 @@ without asking the grammar about the whole vocabulary (see `_GrammarVocab`).
 from __future__ import annotations
 
 import random
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -186,11 +187,18 @@ class _GrammarVocab:
         weakref.WeakKeyDictionary()
     )
 
+    # One pass at a time: a server builds the tables on a thread of its own while it
+    # serves, and a grammar request that comes meanwhile waits for that pass.
+    _building: ClassVar[threading.Lock] = threading.Lock()
+
     @classmethod
     def of(cls, model: Model) -> _GrammarVocab:
         tables = cls._by_model.get(model)
         if tables is None:
-            tables = cls._by_model[model] = cls(model, _Pieces(*vocab_pieces(model)))
+            with cls._building:
+                tables = cls._by_model.get(model)
+                if tables is None:
+                    tables = cls._by_model[model] = cls(model, _Pieces(*vocab_pieces(model)))
         return tables
 
     def __init__(self, model: Model, pieces: _Pieces) -> None:

@@ -73,8 +73,17 @@ def prime_grammar_vocab(model: Model, model_path: Path, stored: StoredVocab | No
     loaded).  Returns what happened: "cached", "built" or "built, not stored"."""
     if stored is None:
         stored = read_grammar_vocab(model_path)
-    if stored.tables is not None and use_grammar_vocab_tables(model, stored.tables):
-        return "cached"
+    return "cached" if adopt_grammar_vocab(model, stored) else build_grammar_vocab(model, stored)
+
+
+def adopt_grammar_vocab(model: Model, stored: StoredVocab) -> bool:
+    """Use the stored tables for `model` if there are any and they check out."""
+    return stored.tables is not None and use_grammar_vocab_tables(model, stored.tables)
+
+
+def build_grammar_vocab(model: Model, stored: StoredVocab) -> str:
+    """Build `model`'s tables (one pass over its vocabulary) and store them where
+    `stored` was looked for.  Returns "built" or "built, not stored"."""
     fresh = grammar_vocab_tables(model)
     return "built" if _write(stored.path, fresh) else "built, not stored"
 

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamba_cli.engine import Engine, EngineLoop, LoopStats, Model
 from llamba_cli.errors import LlambaError
+from llamba_cli.job.vocab_cache import (
+    StoredVocab,
+    adopt_grammar_vocab,
+    build_grammar_vocab,
+    read_grammar_vocab,
+)
 from llamba_cli.openai import OpenAIApi, served_model
 from llamba_cli.server.config import ServerConfig
 from llamba_cli.server.metrics import Metrics
@@ -50,6 +57,7 @@ class Runtime:
         self._model: Model | None = None
         self._engine: Engine | None = None
         self._thread: threading.Thread | None = None
+        self._vocab_thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @property
@@ -67,6 +75,9 @@ class Runtime:
     def _load(self) -> None:
         cfg = self.config.engine
         try:
+            path = self._preload.path if self._preload is not None else Path(cfg.model_path)
+            # Needs only the file, so it is read while the model loads.
+            stored = read_grammar_vocab(path) if path is not None else None
             if self._preload is not None:
                 _, model = self._preload.result()
             else:
@@ -81,6 +92,9 @@ class Runtime:
             api = OpenAIApi(served)
             engine = Engine(cfg, model=model)
             self._engine = engine
+            # Structured output needs tables over the whole vocabulary: from the cache
+            # (a few milliseconds) before the first request, else built once ready.
+            vocab_ready = stored is not None and adopt_grammar_vocab(model, stored)
             with self._lock:
                 if self.state != LOADING:  # shut down while loading: close() frees it
                     return
@@ -98,7 +112,32 @@ class Runtime:
         self.log(
             f"model {served.name} ready: {cfg.slots} slots x {cfg.n_ctx_seq} tokens, "
             f"prompt format {served.prompt_format.name}"
+            + (", grammar vocabulary from the cache" if vocab_ready else "")
         )
+        if stored is not None and not vocab_ready:
+            with self._lock:
+                if self.state != READY:  # stopping already: nothing to prepare for
+                    return
+                self._vocab_thread = threading.Thread(
+                    target=self._build_vocab,
+                    args=(model, stored),
+                    name="llamba-grammar-vocab",
+                    daemon=True,
+                )
+                self._vocab_thread.start()
+
+    def _build_vocab(self, model: Model, stored: StoredVocab) -> None:
+        """One pass over the vocabulary (about a second at 262,144 tokens) while the
+        server serves, so the first structured request does not pay it, and the tables
+        are stored for the next start.  A grammar request that comes meanwhile waits
+        for this pass; a failure here only means it builds them itself."""
+        try:
+            outcome = build_grammar_vocab(model, stored)
+        except Exception as e:  # requests build the tables on demand
+            self.log(f"grammar vocabulary not prepared: {type(e).__name__}: {e}")
+            return
+        where = f"stored in {stored.path}" if outcome == "built" else "not stored"
+        self.log(f"grammar vocabulary built ({where})")
 
     def _fail(self, message: str, exit_code: int) -> None:
         with self._lock:
@@ -125,6 +164,8 @@ class Runtime:
             if self.state != FAILED:
                 self.state = STOPPING
         self.wait_loaded()
+        if self._vocab_thread is not None:  # it reads the model: finish before freeing it
+            self._vocab_thread.join()
         loop, self.loop = self.loop, None
         engine, self._engine = self._engine, None
         if loop is not None:

@@ -183,3 +183,59 @@ def test_health_is_503_while_loading(model_path: Path) -> None:
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+STRUCTURED = {
+    "model": "llamba",
+    "messages": [{"role": "user", "content": "A book: its title and a rating."}],
+    "max_tokens": 24,
+    "temperature": 0,
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "book",
+            "schema": {
+                "type": "object",
+                "properties": {"title": {"type": "string", "maxLength": 8}},
+                "required": ["title"],
+            },
+        },
+    },
+}
+
+
+def _structured_reply(server: Server) -> dict[str, Any]:
+    status, body = server.post("/v1/chat/completions", STRUCTURED)
+    assert status == 200, body
+    reply: dict[str, Any] = json.loads(body["choices"][0]["message"]["content"])
+    return reply
+
+
+def test_grammar_vocabulary_is_built_once_ready_then_taken_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Structured output needs tables over the whole vocabulary (a second to build):
+    a server builds them in the background once it is ready and stores them, and the
+    next server adopts the stored ones before it says ready."""
+    monkeypatch.setenv("LLAMBA_CACHE_DIR", str(tmp_path))
+    first = start_server("--slots", "1", "--ctx", "256")
+    try:
+        deadline = time.monotonic() + 120
+        while "grammar vocabulary built" not in first.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = first.log()
+        assert "grammar vocabulary built (stored in" in log, log
+        assert "grammar vocabulary from the cache" not in log
+        assert len(list(tmp_path.glob("grammar-vocab-*.npz"))) == 1
+        assert set(_structured_reply(first)) == {"title"}
+    finally:
+        first.stop()
+
+    second = start_server("--slots", "1", "--ctx", "256")
+    try:
+        assert set(_structured_reply(second)) == {"title"}
+        log = second.log()
+        assert "grammar vocabulary from the cache" in log, log
+        assert "grammar vocabulary built" not in log
+    finally:
+        second.stop()
