@@ -59,6 +59,8 @@ class Contender:
     error: str | None = None
     # A server: argv holds "{port}", and the time is spawn until GET ready_path is 200.
     ready_path: str | None = None
+    # `python -m llamba_cli` imports from the working directory first: a checkout's own.
+    cwd: Path | None = None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--contenders",
         default="all",
         help="comma-separated subset of contender names (default: all)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another llamba checkout (a previous release): its llamba rows run too, "
+        "interleaved with this tree's, marked [baseline]",
     )
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "startup.md")
     return p.parse_args(argv)
@@ -213,7 +221,41 @@ def contenders(args: argparse.Namespace, model: Path, work: Path) -> list[Conten
     if args.contenders != "all":
         wanted = {w.strip() for w in args.contenders.split(",")}
         out = [c for c in out if c.name in wanted]
+    if args.baseline is not None:
+        out = with_baseline(out, args.baseline)
     return out
+
+
+def with_baseline(cs: list[Contender], checkout: Path) -> list[Contender]:
+    """Each llamba contender followed by the same command run from `checkout`."""
+    out = []
+    for c in cs:
+        out.append(c)
+        if c.env.get("PYTHONPATH") == str(common.REPO_ROOT):
+            c.cwd = common.REPO_ROOT
+            env = {**c.env, "PYTHONPATH": str(checkout.resolve())}
+            out.append(
+                Contender(
+                    f"{c.name} [baseline]",
+                    c.argv,
+                    c.what,
+                    env,
+                    ready_path=c.ready_path,
+                    cwd=checkout.resolve(),
+                )
+            )
+    return out
+
+
+def baseline_fact(checkout: Path) -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = "not a git checkout"
+    return f"- [baseline]: the same llamba commands from {checkout} ({commit})"
 
 
 def servers(
@@ -283,6 +325,7 @@ def time_ready(c: Contender) -> float:
     proc = subprocess.Popen(
         argv,
         env={**os.environ, **c.env},
+        cwd=c.cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -315,6 +358,7 @@ def time_once(c: Contender) -> float:
     done = subprocess.run(
         c.argv,
         env={**os.environ, **c.env},
+        cwd=c.cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -376,14 +420,14 @@ def report(args: argparse.Namespace, cs: list[Contender], facts: list[str]) -> s
     )
 
 
-def compile_bytecode() -> str:
+def compile_bytecode(checkout: Path = common.REPO_ROOT) -> str:
     """Compile llamba's modules as an install (or any first run) leaves them, so the
     rounds time a user's run rather than Python compiling llamba's sources each time:
     where PYTHONDONTWRITEBYTECODE is set, a run never writes them itself (the
     libraries it is compared with were compiled when pip installed them)."""
     import compileall
 
-    ok = compileall.compile_dir(str(common.REPO_ROOT / "llamba_cli"), quiet=1)
+    ok = compileall.compile_dir(str(checkout / "llamba_cli"), quiet=1)
     setting = os.environ.get("PYTHONDONTWRITEBYTECODE") or "unset"
     state = "compiled beforehand" if ok else "compiling failed; timed from source"
     return f"- llamba's bytecode: {state} (PYTHONDONTWRITEBYTECODE: {setting})"
@@ -393,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = common.resolve_model(args.model)
     facts = [*common.machine_facts(args.threads, model), compile_bytecode()]
+    if args.baseline is not None:
+        compile_bytecode(args.baseline)
+        facts.append(baseline_fact(args.baseline))
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         cs = contenders(args, model, Path(tmp))
         run(cs, args.repeats, time_once)
