@@ -2,7 +2,11 @@
 
 Building them is one pass over the vocabulary through llama.cpp (about a second for
 the embedded model's 262,144 tokens), paid by every `--json-schema` or `--grammar`
-run; stored, a one-row structured job starts in a fraction of that.
+run or server; stored, a one-row structured job starts in a fraction of that.  A job
+reads the file while its model loads and checks it after (`read_grammar_vocab`, then
+`prime_grammar_vocab`); a server adopts it before it reports ready, or builds and
+stores the tables in the background once ready (`adopt_grammar_vocab`,
+`build_grammar_vocab`).
 
 Safe when the cache is missing, stale or unwritable: a file is named by the model's
 identity (size and a hash of its head and tail, as in the output fingerprint), the
@@ -63,6 +67,7 @@ class StoredVocab:
 
 
 def read_grammar_vocab(model_path: Path) -> StoredVocab:
+    """What the cache holds for the model file at `model_path` (no model needed)."""
     path = cache_path(model_path)
     return StoredVocab(path, _read(path))
 

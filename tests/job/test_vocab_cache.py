@@ -11,7 +11,13 @@ import pytest
 
 from llamba_cli.engine import Grammar, Model
 from llamba_cli.engine.grammar import grammar_vocab_tables, use_grammar_vocab_tables
-from llamba_cli.job.vocab_cache import cache_path, prime_grammar_vocab
+from llamba_cli.job.vocab_cache import (
+    adopt_grammar_vocab,
+    build_grammar_vocab,
+    cache_path,
+    prime_grammar_vocab,
+    read_grammar_vocab,
+)
 
 GBNF = 'root ::= "{" [a-z]+ "}"'
 
@@ -90,3 +96,23 @@ def test_another_model_file_gets_another_name(tmp_path, monkeypatch, model_path)
     other.write_bytes(b"GGUF" + b"\0" * 100)
     assert cache_path(other) != cache_path(model_path)
     assert cache_path(model_path).parent == tmp_path
+
+
+def test_read_before_the_model_then_adopted_or_built(tmp_path, monkeypatch, model_path, model):
+    """What a job reads while its model loads (and a server before it reports ready):
+    nothing stored yet, so the tables are built and stored where it looked; read again,
+    they are adopted by a model that has none yet."""
+    monkeypatch.setenv("LLAMBA_CACHE_DIR", str(tmp_path / "cache"))
+    empty = read_grammar_vocab(model_path)
+    assert empty.tables is None and not empty.path.exists()
+    assert build_grammar_vocab(model, empty) == "built"
+    assert empty.path.is_file()
+    stored = read_grammar_vocab(model_path)
+    assert stored.tables is not None and stored.path == empty.path
+    other = Model(model_path)
+    try:
+        assert adopt_grammar_vocab(other, stored)
+        assert prime_grammar_vocab(other, model_path, stored) == "cached"
+    finally:
+        other.close()
+    assert not adopt_grammar_vocab(model, empty)  # nothing to adopt
