@@ -6,8 +6,9 @@ much as throughput.  Every contender is a fresh process timed from spawn to exit
 
 - llamba: `--help`, `formats`, and one-row `generate`, `classify` and
   `generate --json-schema` jobs (JSON Lines in, JSON Lines out);
-- llama.cpp's own tools: `llama-simple` (load, one prompt, exit), `llama-cli`
-  (single turn, `-st`) and `llama-cli --help`;
+- llama.cpp's own tools: `llama-simple` (load, one prompt, exit; it has no thread
+  option, so it runs twice: at its default of 4 threads, and with its OpenMP threads
+  capped to the others' count), `llama-cli` (single turn, `-st`) and `llama-cli --help`;
 - llama-cpp-python: `python -c` that imports `llama_cpp`, builds `Llama` and runs one
   completion;
 - servers, timed from spawn until their health check answers 200 (model loaded, ready
@@ -159,7 +160,15 @@ def contenders(args: argparse.Namespace, model: Path, work: Path) -> list[Conten
             Contender(
                 "llama-simple",
                 [str(simple), "-m", str(model), "-n", str(args.tokens), PROMPT],
-                f"load, {args.tokens} tokens greedy, exit (its defaults otherwise)",
+                f"load, {args.tokens} tokens greedy, exit (its defaults otherwise: 4 threads)",
+            ),
+            # llama-simple has no thread option; an OpenMP build honours the limit, so
+            # this is llama.cpp's own C path at the thread count the others get.
+            Contender(
+                f"llama-simple ({args.threads} threads)",
+                [str(simple), "-m", str(model), "-n", str(args.tokens), PROMPT],
+                f"the same, its OpenMP threads capped (OMP_THREAD_LIMIT={args.threads})",
+                {"OMP_THREAD_LIMIT": str(args.threads)},
             ),
             Contender(
                 "llama-cli -st",
@@ -187,7 +196,7 @@ def contenders(args: argparse.Namespace, model: Path, work: Path) -> list[Conten
             ),
             Contender("llama-cli --help", [str(cli), "--help"], "prints its options"),
         ]
-        for c in out[-3:]:
+        for c in out[-4:]:
             if not os.access(c.argv[0], os.X_OK):
                 c.error = f"{Path(c.argv[0]).name} not built in {tools.bin_dir}"
     else:
