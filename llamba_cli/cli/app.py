@@ -195,7 +195,7 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
     if command == "validate":
         from llamba_cli.job.checks import validate_job
 
-        report = validate_job(spec, opener=_opener(spec))
+        report = validate_job(spec, opener=_opener(spec), model=_take_model(spec))
         for line in report.lines():
             _console(False).print(line)
         raise typer.Exit(report.exit_code)
@@ -207,20 +207,24 @@ def _execute(command: str, kwargs: dict[str, Any]) -> None:
 
         table = Table("id", "tokens", "prompt", show_lines=True)
         notes: list[str] = []
-        for row_id, n_tokens, prompt in dry_run(spec, opener=_opener(spec), notes=notes):
+        rows = dry_run(spec, opener=_opener(spec), notes=notes, model=_take_model(spec))
+        for row_id, n_tokens, prompt in rows:
             table.add_row(Text(row_id), str(n_tokens), Text(prompt))
         _console(False).print(table)
         for note in notes:
             _console(False).print(note)
         return
-    # The model loads while the job's own imports and input checks run.
-    model = None
-    if cluster is None:
-        engine = spec.engine
-        model = preload.take(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack)
+    model = _take_model(spec) if cluster is None else None
     summary = _run_with_progress(spec, cluster, model)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
+
+
+def _take_model(spec: JobSpec) -> ModelLoad:
+    """The spec's model, loading while the job's own imports and input checks run
+    (started from the raw arguments when the guess was right)."""
+    engine = spec.engine
+    return preload.take(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack)
 
 
 def _opener(spec: JobSpec) -> JobOpener:

