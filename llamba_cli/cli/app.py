@@ -30,6 +30,7 @@ from llamba_cli.cli import listing, preload, serve
 from llamba_cli.cli.options import OPTIONS, take_ray
 from llamba_cli.errors import ConfigError, LlambaError
 from llamba_cli.job.interrupt import Interrupted, signals_raise
+from llamba_cli.job.models import LOAD_THREAD
 from llamba_cli.job.spec import BATCH_REFUSED, JobSpec, build_spec, load_job_file
 
 # Start-up time: parsing options and printing help must not pay for numpy, pyarrow,
@@ -353,7 +354,7 @@ def entry() -> None:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else None
         # A model still loading for a job that failed early holds nothing to flush.
-        others = [t for t in threading.enumerate() if t.name != "llamba-model-load"]
+        others = [t for t in threading.enumerate() if t.name != LOAD_THREAD]
         if code is None or len(others) > 1 or "ray" in sys.modules:
             raise
         for stream in (sys.stdout, sys.stderr):

@@ -324,6 +324,10 @@ class Context:
         self.n_batch = n_batch
         self.n_vocab = model.n_vocab
         self.batch = Batch(n_batch)
+        import numpy as np  # not at module level: the model's load starts without it
+
+        self._no_logits = np.empty((0, self.n_vocab), dtype=np.float32)
+        self._as_array = np.ctypeslib.as_array
 
     def close(self) -> None:
         if self._ptr:
@@ -346,12 +350,10 @@ class Context:
     def logits(self, n_outputs: int) -> np.ndarray:
         """Zero-copy [n_outputs, n_vocab] float32 view of the last decode's logits,
         rows in batch order of the tokens flagged for output. Valid until the next decode."""
-        import numpy as np
-
         if n_outputs == 0:
-            return np.empty((0, self.n_vocab), dtype=np.float32)
+            return self._no_logits
         ptr = lc.llama_get_logits(self._ptr)
-        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
+        return self._as_array(ptr, shape=(n_outputs, self.n_vocab))
 
     # -- KV memory ----------------------------------------------------------------
 

@@ -99,17 +99,17 @@ class Job:
         self.constraint: Constraint | None = load_constraint(spec.json_schema, spec.grammar)
         identity: dict[str, Any] | None = None
         stored_vocab: StoredVocab | None = None
-        if isinstance(model, ModelLoad):  # started by the caller, so it overlaps the above
+        if model is None:
+            engine = spec.engine
+            model = ModelLoad(spec.model, n_gpu_layers=engine.n_gpu_layers, repack=engine.repack)
+        if isinstance(model, ModelLoad):  # loading on its own thread: overlaps the above
             if model.path is not None:  # and so does what needs only the model's file
                 identity = model_identity(model.path)
                 if self.constraint is not None:
                     stored_vocab = read_grammar_vocab(model.path)
             self.model_path, self.model = model.result()
         else:
-            self.model_path = resolve_model_path(spec.model)
-            self.model = model or Model(
-                self.model_path, n_gpu_layers=spec.engine.n_gpu_layers, repack=spec.engine.repack
-            )
+            self.model_path, self.model = resolve_model_path(spec.model), model
         if spec.ctx > self.model.n_ctx_train:
             raise ConfigError(
                 f"ctx ({spec.ctx}) is larger than the model's training context "

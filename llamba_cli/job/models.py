@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 EMBEDDED_MODEL = "gemma-3-270m (embedded)"
 
 _LOAD_SWITCH_INTERVAL = 0.0002  # seconds; see ModelLoad
+# The name of a `ModelLoad`'s thread (the command's exit tells it from other threads).
+LOAD_THREAD = "llamba-model-load"
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -142,7 +144,7 @@ class ModelLoad:
             self._error = e
             return
         self._thread = threading.Thread(
-            target=self._load, args=(n_gpu_layers, repack), name="llamba-model-load", daemon=True
+            target=self._load, args=(n_gpu_layers, repack), name=LOAD_THREAD, daemon=True
         )
         # llama.cpp reports each step of a load through the engine's log callback, a
         # Python function that needs the GIL: at the default 5 ms switch interval every

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llamba_cli.engine import Engine, EngineLoop, LoopStats, Model
 from llamba_cli.errors import LlambaError
+from llamba_cli.job.models import ModelLoad
 from llamba_cli.job.vocab_cache import (
     StoredVocab,
     adopt_grammar_vocab,
@@ -28,9 +27,6 @@ from llamba_cli.job.vocab_cache import (
 from llamba_cli.openai import OpenAIApi, served_model
 from llamba_cli.server.config import ServerConfig
 from llamba_cli.server.metrics import Metrics
-
-if TYPE_CHECKING:
-    from llamba_cli.job.models import ModelLoad
 
 LOADING, READY, STOPPING, FAILED = "loading", "ready", "stopping", "failed"
 
@@ -75,13 +71,13 @@ class Runtime:
     def _load(self) -> None:
         cfg = self.config.engine
         try:
-            path = self._preload.path if self._preload is not None else Path(cfg.model_path)
+            load = self._preload or ModelLoad(
+                cfg.model_path, n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack
+            )
             # Needs only the file, so it is read while the model loads.
-            stored = read_grammar_vocab(path) if path is not None else None
-            if self._preload is not None:
-                _, model = self._preload.result()
-            else:
-                model = Model(cfg.model_path, n_gpu_layers=cfg.n_gpu_layers, repack=cfg.repack)
+            stored = read_grammar_vocab(load.path) if load.path is not None else None
+            path, model = load.result()
+            stored = stored or read_grammar_vocab(path)
             self._model = model
             served = served_model(
                 model,
@@ -94,7 +90,7 @@ class Runtime:
             self._engine = engine
             # Structured output needs tables over the whole vocabulary: from the cache
             # (a few milliseconds) before the first request, else built once ready.
-            vocab_ready = stored is not None and adopt_grammar_vocab(model, stored)
+            vocab_ready = adopt_grammar_vocab(model, stored)
             with self._lock:
                 if self.state != LOADING:  # shut down while loading: close() frees it
                     return
@@ -114,7 +110,7 @@ class Runtime:
             f"prompt format {served.prompt_format.name}"
             + (", grammar vocabulary from the cache" if vocab_ready else "")
         )
-        if stored is not None and not vocab_ready:
+        if not vocab_ready:
             with self._lock:
                 if self.state != READY:  # stopping already: nothing to prepare for
                     return
