@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="another llamba checkout (a previous release): its llamba rows run too, "
         "interleaved with this tree's, marked [baseline]",
     )
+    p.add_argument(
+        "--baseline-deps",
+        type=Path,
+        help="a folder of packages (pip install --target) put before the baseline's own "
+        "environment, for a previous release whose dependencies differ",
+    )
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "startup.md")
     return p.parse_args(argv)
 
@@ -231,18 +237,20 @@ def contenders(args: argparse.Namespace, model: Path, work: Path) -> list[Conten
         wanted = {w.strip() for w in args.contenders.split(",")}
         out = [c for c in out if c.name in wanted]
     if args.baseline is not None:
-        out = with_baseline(out, args.baseline)
+        out = with_baseline(out, args.baseline, args.baseline_deps)
     return out
 
 
-def with_baseline(cs: list[Contender], checkout: Path) -> list[Contender]:
-    """Each llamba contender followed by the same command run from `checkout`."""
+def with_baseline(cs: list[Contender], checkout: Path, deps: Path | None) -> list[Contender]:
+    """Each llamba contender followed by the same command run from `checkout` (with
+    the packages in `deps` first, when given)."""
     out = []
     for c in cs:
         out.append(c)
         if c.env.get("PYTHONPATH") == str(common.REPO_ROOT):
             c.cwd = common.REPO_ROOT
-            env = {**c.env, "PYTHONPATH": str(checkout.resolve())}
+            path = [str(checkout.resolve())] + ([str(deps.resolve())] if deps else [])
+            env = {**c.env, "PYTHONPATH": os.pathsep.join(path)}
             out.append(
                 Contender(
                     f"{c.name} [baseline]",
@@ -256,7 +264,7 @@ def with_baseline(cs: list[Contender], checkout: Path) -> list[Contender]:
     return out
 
 
-def baseline_fact(checkout: Path) -> str:
+def baseline_fact(checkout: Path, deps: Path | None) -> str:
     try:
         commit = subprocess.run(
             ["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
@@ -264,7 +272,11 @@ def baseline_fact(checkout: Path) -> str:
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit = "not a git checkout"
-    return f"- [baseline]: the same llamba commands from {checkout} ({commit})"
+    fact = f"- [baseline]: the same llamba commands from {checkout} ({commit})"
+    if deps is not None:
+        found = sorted(p.name.removesuffix(".dist-info") for p in deps.glob("*.dist-info"))
+        fact += f", with {', '.join(found) or deps} before the environment's packages"
+    return fact
 
 
 def servers(
@@ -448,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = [*common.machine_facts(args.threads, model), compile_bytecode()]
     if args.baseline is not None:
         compile_bytecode(args.baseline)
-        facts.append(baseline_fact(args.baseline))
+        facts.append(baseline_fact(args.baseline, args.baseline_deps))
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         cs = contenders(args, model, Path(tmp))
         run(cs, args.repeats, time_once)

@@ -55,6 +55,30 @@ app = typer.Typer(
 )
 
 
+def _plain_stderr() -> bool:
+    """Whether stderr is surely not a terminal (a pipe or file: cron, CI, a test), as
+    rich would also decide.  Then a job's progress and summary are plain lines and rich
+    is not imported: on a one-row job its import would run beside the model's load."""
+    if any(os.environ.get(v) is not None for v in _TERMINAL_HINTS):
+        return False  # rich's own overrides: let rich decide
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a closed or stand-in stream
+        return False
+
+
+# Variables that make rich treat a stream as a terminal (or not) whatever isatty() says.
+_TERMINAL_HINTS = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS")
+
+
+def _say(text: str, *, soft_wrap: bool = False) -> None:
+    """One line of the command's own on stderr, plain text (user text is never markup)."""
+    if _plain_stderr():
+        print(text, file=sys.stderr, flush=True)
+    else:
+        _console(True).print(text, soft_wrap=soft_wrap)
+
+
 @functools.cache
 def _console(stderr: bool) -> Console:
     """The console for stdout or stderr, made on first use (rich loads only then).
@@ -246,9 +270,8 @@ def _run_with_progress(
     from llamba_cli.cli.progress import LogProgress, RichProgress
 
     quiet = os.environ.get("LLAMBA_PROGRESS") == "off"
-    err = _console(True)
-    if err.is_terminal and not quiet:
-        bar = RichProgress(err)
+    if not quiet and not _plain_stderr() and _console(True).is_terminal:
+        bar = RichProgress(_console(True))
         try:
             return _run(spec, bar, cluster, model)
         finally:
@@ -284,7 +307,6 @@ def _progress_interval() -> float:
 
 
 def _print_summary(s: JobSummary) -> None:
-    err = _console(True)
     speed = (
         f"{s.rows_per_second:.2f} rows/s"
         if s.task == "classify"
@@ -300,14 +322,14 @@ def _print_summary(s: JobSummary) -> None:
     ]
     if s.skipped_done:
         parts.insert(1, f"{s.skipped_done} already done")
-    err.print("llamba: " + "; ".join(parts), soft_wrap=True)
+    _say("llamba: " + "; ".join(parts), soft_wrap=True)
     if s.duplicates:
-        err.print(
+        _say(
             f"llamba: {s.duplicates} input rows repeat an earlier id and were not written "
             f"(e.g. {', '.join(repr(i) for i in s.duplicate_examples)})"
         )
     if s.aborted:
-        err.print(f"llamba: aborted: {s.aborted}", soft_wrap=True)
+        _say(f"llamba: aborted: {s.aborted}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+if TYPE_CHECKING:  # rich loads only for a bar: log lines need none of it
+    from rich.console import Console
+    from rich.progress import TaskID
 
 
 class RichProgress:
     """A live bar: rows done/total, errors, generated tokens/s, ETA."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self.console = console
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),

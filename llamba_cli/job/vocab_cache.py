@@ -21,7 +21,6 @@ not an error: the next run builds the tables again.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import io
 import os
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ def cache_dir() -> Path:
 
 
 def cache_path(model_path: Path) -> Path:
+    import importlib.metadata  # 9 ms: only structured jobs keep tables here
+
     ident = model_identity(model_path)
     try:
         lib = importlib.metadata.version("llama_cpp_python")

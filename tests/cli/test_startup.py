@@ -166,3 +166,37 @@ def test_option_less_commands_answer_without_the_parser_and_say_the_same(command
     parsed = CliRunner().invoke(app, [command])
     assert parsed.exit_code == 0
     assert fast.stdout == parsed.stdout and fast.stdout.strip()
+
+
+def test_a_job_logging_to_a_pipe_loads_neither_rich_nor_pydantic(
+    model_path: Path, tmp_path: Path
+) -> None:
+    """Under cron or CI stderr is a pipe: progress and the summary are plain lines, so
+    rich is not imported beside the model's load, and neither is pydantic (typer 0.29
+    builds a pydantic validator per option at every start, hence `typer<0.29`).  The
+    summary stays one line, however long."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "prompt": "Hi"}\n')
+    argv = ["llamba", "generate", str(source), "-o", str(tmp_path / "out.jsonl")]
+    argv += ["-m", str(model_path), "--max-tokens", "2", "--temperature", "0"]
+    probe = (
+        "import sys\n"
+        f"sys.argv = {argv!r}\n"
+        "from llamba_cli.cli.app import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('LOADED=' + ','.join(sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'rich', 'pydantic', 'numpy'})))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    env.pop("TTY_INTERACTIVE", None)
+    env.pop("JUPYTER_COLUMNS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "LOADED=numpy"  # numpy: the probe sees imports
+    summary = [ln for ln in done.stderr.splitlines() if "rows written to" in ln]
+    assert len(summary) == 1 and summary[0].endswith("s") and "; 0 errors; " in summary[0]
