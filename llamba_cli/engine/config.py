@@ -15,6 +15,7 @@ from llamba_cli.errors import ConfigError
 
 FLASH_ATTN_MODES = ("auto", "on", "off")
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
+KV_CELL_STEP = 256  # llama.cpp rounds a context's KV cells up to a multiple of this
 
 
 def default_threads() -> int:
@@ -83,17 +84,26 @@ class EngineConfig:
         reserve = self.prefix_cache_tokens if self.prefix_cache else 0
         return self.slots * self.n_ctx_seq + reserve
 
-    def sized_for(self, sequences: int | None) -> EngineConfig:
+    def sized_for(self, sequences: int | None, cells: int | None = None) -> EngineConfig:
         """This configuration for a workload of at most `sequences` requests (None:
         unknown): no more slots than requests, and no prefix cache when a single
-        request has nothing to share it with.  Less KV memory, the same results."""
+        request has nothing to share it with.  `cells`, when known, bounds the KV cells
+        the work's sequences hold at once (cached prefixes included): the KV cache then
+        has no more than that, in llama.cpp's steps of 256.  Less memory and a faster
+        start, the same results."""
         if sequences is None or self.kv_cells is not None:
             return self
         slots = max(1, min(self.slots, sequences))
         prefix_cache = self.prefix_cache and sequences > 1
-        if (slots, prefix_cache) == (self.slots, self.prefix_cache):
-            return self
-        return dataclasses.replace(self, slots=slots, prefix_cache=prefix_cache)
+        sized = self
+        if (slots, prefix_cache) != (self.slots, self.prefix_cache):
+            sized = dataclasses.replace(self, slots=slots, prefix_cache=prefix_cache)
+        if cells is not None:
+            need = max(cells, sized.slots + sized.prefix_slots, 1)
+            kv = -(-need // KV_CELL_STEP) * KV_CELL_STEP
+            if kv < sized.n_ctx:
+                sized = dataclasses.replace(sized, kv_cells=kv)
+        return sized
 
     @property
     def prefix_slots(self) -> int:

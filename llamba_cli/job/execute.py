@@ -36,6 +36,10 @@ from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_m
 from llamba_cli.job.vocab_cache import StoredVocab, prime_grammar_vocab, read_grammar_vocab
 from llamba_cli.job.writer import ResultWriter
 
+# Tokens a prompt may have beyond one per byte of its text: BOS, and a leading space a
+# SentencePiece tokenizer adds (with a margin).
+_TOKENIZER_EXTRA = 4
+
 
 # Parquet types that survive the trip through Python values unchanged; a kept input
 # column of any other type (timestamps, decimals, maps, ...) is written as text.
@@ -266,23 +270,54 @@ class Job:
 
     def engine_config(self) -> EngineConfig:
         """The engine settings, sized to the work when its size is known (see
-        `EngineConfig.sized_for`): a one-row job allocates one slot's KV, not 16."""
+        `EngineConfig.sized_for`): a one-row job allocates one slot's KV, not 16, and
+        when every request runs at once, KV for what its prompts and completions can
+        fill, not `--ctx` tokens each."""
         config = self.spec.engine_config(str(self.model_path))
-        return config.sized_for(self.planned_requests())
+        requests = self.planned_requests()
+        cells = None
+        if requests is not None and requests <= config.slots:
+            cells = self.planned_cells()
+        return config.sized_for(requests, cells)
+
+    def planned_cells(self) -> int:
+        """At most how many KV cells the run's sequences hold, read ahead from the input
+        (for a small input, whose requests all run at once).  A request holds its
+        prompt, at most one token per byte of its text plus `_TOKENIZER_EXTRA` (BOS, a
+        space the tokenizer may put in front), then its completion (`--max-tokens`) or
+        its longest label's text; never more than `--ctx`.  Prefixes the prefix cache
+        keeps are prompt prefixes, so with more than one request the prompts count
+        twice.  Rows that make no prompt hold nothing."""
+        spec = self.spec
+        if self.labels is not None:
+            after = len(spec.label_delimiter.encode()) + max(len(x.encode()) for x in self.labels)
+        else:
+            after = spec.sampling.max_tokens
+        held = prompts = requests = 0
+        for row in self.rows(None, JobSummary(task=spec.task, output=None)):
+            try:
+                text = self.prompt(row)
+            except RowError:
+                continue
+            prompt = min(spec.ctx, len(text.encode("utf-8", "surrogatepass")) + _TOKENIZER_EXTRA)
+            held += spec.n * min(spec.ctx, prompt + after)
+            prompts += spec.n * prompt
+            requests += spec.n
+        return held + (prompts if requests > 1 else 0)
 
     def allocation(self) -> str:
         """What a run's engine would allocate, for `validate` and `--dry-run`."""
         config = self.engine_config()
         mib = config.n_ctx * self.model.kv_bytes_per_cell() / (1 << 20)
+        if config.kv_cells is not None:  # sized to the input (`planned_cells`)
+            holds = " (what the input's prompts and completions can fill)"
+        elif config.prefix_cache:
+            holds = f" incl. {config.prefix_cache_tokens} for shared prefixes"
+        else:
+            holds = ""
         return (
             f"{config.slots} slot{'s' if config.slots != 1 else ''} x {config.n_ctx_seq} "
-            f"tokens (--ctx), KV cache {config.n_ctx} cells"
-            + (
-                f" incl. {config.prefix_cache_tokens} for shared prefixes"
-                if config.prefix_cache
-                else ""
-            )
-            + f", about {mib:.0f} MiB"
+            f"tokens (--ctx), KV cache {config.n_ctx} cells{holds}, about {mib:.0f} MiB"
         )
 
 

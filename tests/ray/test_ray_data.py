@@ -7,6 +7,7 @@ driver joins theirs; the Python API runs in this process.  Everything is kept sm
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -316,3 +317,18 @@ def test_an_actor_that_cannot_open_the_model_reports_one_line(tmp_path):
         reraise_actor_failure(wrapped)
     assert str(error.value).startswith(f"model file not found: {tmp_path / 'missing.gguf'} (on ")
     assert error.value.exit_code == 2
+
+
+def test_an_actor_keeps_the_configured_slots_for_every_batch():
+    """One engine serves all of an actor's batches, so it is not sized to the rows
+    it holds when it is made (none): the job's slots and KV cache, as configured."""
+    spec = JobSpec(task="generate", input="<ray dataset>")
+    spec = dataclasses.replace(spec, engine=dataclasses.replace(spec.engine, slots=3))
+    actor = EngineActor(spec, ["id", "prompt"], None, threads=1)
+    try:
+        config = actor.engine.config
+        assert (config.slots, config.kv_cells, config.prefix_cache) == (3, None, True)
+        out = actor(pa.table({"id": ["a", "b"], "prompt": ["Hi", "Hello"]}))
+        assert out.num_rows == 2
+    finally:
+        actor.engine.close()

@@ -78,7 +78,9 @@ class BatchSource(InputSource):
         return self._given  # a batch has its columns given, not read from a file
 
     def count_rows(self) -> int | None:
-        return len(self.rows)
+        # Unknown: the actor's one engine serves every batch it will be given, so it
+        # must not be sized by the first (or, at construction, by none: one slot).
+        return None
 
     def __iter__(self) -> Iterator[InputRow]:
         return iter(self.rows)
