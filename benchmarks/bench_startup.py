@@ -437,8 +437,48 @@ def report(args: argparse.Namespace, cs: list[Contender], facts: list[str]) -> s
             "Each time is one whole process, from spawn to exit: interpreter start, imports,"
             " model load (memory-mapped, page cache warm), context, the job, output, exit;"
             " for a server, from spawn until its health check answers 200.",
+            *paired(cs, f"llama-simple ({args.threads} threads)"),
         ]
     )
+
+
+def paired(cs: list[Contender], floor_name: str) -> list[str]:
+    """Per-round ratios: each llamba job against its [baseline] run (the next process
+    in the same round) and against `floor_name`, `llama-simple` at the same thread
+    count: the same work in C++ (later in the same round).  A shared machine's speed
+    drifts between minutes, and the medians of two contenders can fall in different
+    spells; a ratio within a round mostly cancels the drift."""
+    by_name = {c.name: c for c in cs if c.times and not c.error}
+    floor = by_name.get(floor_name)
+    rows = []
+    for c in by_name.values():
+        if not c.name.startswith("llamba") or "[baseline]" in c.name:
+            continue
+        base = by_name.get(f"{c.name} [baseline]")
+        cells = [c.name]
+        for other in (base, floor if "(1 row)" in c.name else None):
+            if other is None or len(other.times) != len(c.times):
+                cells.append("-")
+                continue
+            ratios = [a / b for a, b in zip(c.times, other.times, strict=True)]
+            faster = sum(r < 1 for r in ratios)
+            cells.append(
+                f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f};"
+                f" faster in {faster}/{len(ratios)})"
+            )
+        if cells[1:] != ["-", "-"]:
+            rows.append(cells)
+    if not rows:
+        return []
+    header = ["contender", "÷ [baseline], per round", f"÷ {floor_name}, per round"]
+    return [
+        "",
+        "## Paired, round by round",
+        "",
+        "Median of the per-round ratios (min-max; rounds where the contender was faster).",
+        "",
+        common.markdown_table(header, rows),
+    ]
 
 
 def compile_bytecode(checkout: Path = common.REPO_ROOT) -> str:
