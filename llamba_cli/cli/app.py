@@ -55,6 +55,10 @@ app = typer.Typer(
 )
 
 
+# Variables that make rich treat a stream as a terminal (or not) whatever isatty() says.
+_TERMINAL_HINTS = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS")
+
+
 def _plain_stderr() -> bool:
     """Whether stderr is surely not a terminal (a pipe or file: cron, CI, a test), as
     rich would also decide.  Then a job's progress and summary are plain lines and rich
@@ -65,10 +69,6 @@ def _plain_stderr() -> bool:
         return not sys.stderr.isatty()
     except (AttributeError, ValueError):  # a closed or stand-in stream
         return False
-
-
-# Variables that make rich treat a stream as a terminal (or not) whatever isatty() says.
-_TERMINAL_HINTS = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS")
 
 
 def _say(text: str, *, soft_wrap: bool = False) -> None:
