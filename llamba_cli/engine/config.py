@@ -99,7 +99,7 @@ class EngineConfig:
         if (slots, prefix_cache) != (self.slots, self.prefix_cache):
             sized = dataclasses.replace(self, slots=slots, prefix_cache=prefix_cache)
         if cells is not None:
-            need = max(cells, sized.slots + sized.prefix_slots, 1)
+            need = max(cells, sized.slots + sized.prefix_slots)
             kv = -(-need // KV_CELL_STEP) * KV_CELL_STEP
             if kv < sized.n_ctx:
                 sized = dataclasses.replace(sized, kv_cells=kv)

@@ -187,9 +187,8 @@ def test_a_job_logging_to_a_pipe_does_not_load_rich(model_path: Path, tmp_path: 
         "print('LOADED=' + ','.join(sorted({m.split('.')[0] for m in sys.modules}"
         " & {'rich', 'numpy'})))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
-    env.pop("TTY_INTERACTIVE", None)
-    env.pop("JUPYTER_COLUMNS", None)
+    hints = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS")
+    env = {k: v for k, v in os.environ.items() if k not in hints}  # rich's terminal overrides
     done = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300
     )
