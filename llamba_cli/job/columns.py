@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llamba_cli.errors import OutputError
+from llamba_cli.job.writer import kept_name
 
 _MERGE_BATCH = 65_536
 _ROW_GROUP_ROWS = 131_072  # merged output is regrouped: parts are small, readers like big groups
@@ -38,12 +39,6 @@ LOGPROB_TYPE = pa.list_(
         ]
     )
 )
-
-
-def kept_name(column: str, taken: Sequence[str]) -> str:
-    """The output name of kept input column `column`: itself, or `input_<column>` when
-    the output already has a column of that name."""
-    return column if column not in taken else f"input_{column}"
 
 
 def output_schema(
@@ -114,6 +109,25 @@ def _typed_array(values: list[Any], field: pa.Field) -> pa.Array:
             f"a value of column {field.name!r} does not fit its type {field.type}: "
             f"{_first_line(exc)}"
         ) from None
+
+
+def plain_type(kind: pa.DataType) -> bool:
+    """Whether values of type `kind` survive the trip through Python values unchanged
+    (a kept input column of any other type, such as timestamps, decimals or maps, is
+    written as text)."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return plain_type(kind.value_type)
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(
+            plain_type(kind.field(i).type) for i in range(kind.num_fields)
+        )
+    return (
+        pa.types.is_boolean(kind)
+        or pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    )
 
 
 def fits(value: Any, kind: pa.DataType) -> bool:

@@ -15,17 +15,14 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llamba_cli.engine import Engine, EngineConfig, Model, Request
 from llamba_cli.errors import ConfigError, OutputError, RowError
-from llamba_cli.job.columns import output_schema
 from llamba_cli.job.formats import format_from_gguf, load_format
 from llamba_cli.job.ids import SeenIds, id_hash
 from llamba_cli.job.interrupt import Interrupted
-from llamba_cli.job.layout import check_location, output_format
+from llamba_cli.job.layout import OUTPUT_FORMATS, check_location, output_format
 from llamba_cli.job.models import ModelLoad, model_identity, resolve_model_path
 from llamba_cli.job.prompts import PromptBuilder, PromptSpec
 from llamba_cli.job.readers import InputRow, InputSource, ParquetSource, open_input
@@ -36,27 +33,12 @@ from llamba_cli.job.summary import JobSummary, NoProgress, ProgressSink, write_m
 from llamba_cli.job.vocab_cache import StoredVocab, prime_grammar_vocab, read_grammar_vocab
 from llamba_cli.job.writer import ResultWriter
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 # Tokens a prompt may have beyond one per byte of its text: BOS, and a leading space a
 # SentencePiece tokenizer adds (with a margin).
 _TOKENIZER_EXTRA = 4
-
-
-# Parquet types that survive the trip through Python values unchanged; a kept input
-# column of any other type (timestamps, decimals, maps, ...) is written as text.
-def _plain_type(kind: pa.DataType) -> bool:
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        return _plain_type(kind.value_type)
-    if pa.types.is_struct(kind):
-        return kind.num_fields > 0 and all(
-            _plain_type(kind.field(i).type) for i in range(kind.num_fields)
-        )
-    return (
-        pa.types.is_boolean(kind)
-        or pa.types.is_integer(kind)
-        or pa.types.is_floating(kind)
-        or pa.types.is_string(kind)
-        or pa.types.is_large_string(kind)
-    )
 
 
 class RowWriter(Protocol):
@@ -111,6 +93,8 @@ class Job:
                 identity = model_identity(model.path)
                 if self.constraint is not None:
                     stored_vocab = read_grammar_vocab(model.path)
+            if spec.output and OUTPUT_FORMATS.get(Path(spec.output).suffix.lower()) == "parquet":
+                import pyarrow.parquet  # noqa: F401  (a Parquet output's Arrow loads beside it too)
             self.model_path, self.model = model.result()
         else:
             self.model_path, self.model = resolve_model_path(spec.model), model
@@ -191,13 +175,17 @@ class Job:
 
     def output_schema(self) -> pa.Schema:
         """The Parquet schema of this job's output (see `job.columns`)."""
+        import pyarrow as pa
+
+        from llamba_cli.job.columns import output_schema, plain_type
+
         constraint = self.constraint
         kept: list[tuple[str, pa.DataType]] = []
         for column in self.spec.keep_columns:
             kind = pa.string()
             if isinstance(self.source, ParquetSource):
                 source_type = self.source.schema.field(column).type
-                kind = source_type if _plain_type(source_type) else pa.string()
+                kind = source_type if plain_type(source_type) else pa.string()
             kept.append((column, kind))
         return output_schema(
             task=self.spec.task,
@@ -404,14 +392,16 @@ def run_job(
 def _run(job: Job, engine: Engine, progress: ProgressSink) -> JobSummary:
     spec = job.spec
     assert spec.output is not None
+    path = Path(spec.output).expanduser()
     store = OutputStore(
-        Path(spec.output).expanduser(),
+        path,
         fingerprint=job.fingerprint,
         overwrite=spec.overwrite,
         retry_errors=spec.retry_errors,
         flush_rows=spec.flush_rows,
         flush_seconds=spec.flush_seconds,
-        schema=job.output_schema(),
+        # JSON Lines has no schema; without one, the job never loads Arrow.
+        schema=job.output_schema() if output_format(path) == "parquet" else None,
         id_field=job.id_field,
     )
     summary = JobSummary(task=spec.task, output=str(store.path), fingerprint=job.fingerprint)

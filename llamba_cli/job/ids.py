@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from llamba_cli.errors import OutputError
 
@@ -153,6 +151,9 @@ def contains(sorted_hashes: np.ndarray, value: int) -> bool:
 
 def _parquet_ids(path: Path, field: str) -> Iterator[tuple[list[str], np.ndarray]]:
     """The ids (column `field`) and error flags of a Parquet file, read in batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         with pq.ParquetFile(path) as parquet:
             names = parquet.schema_arrow.names

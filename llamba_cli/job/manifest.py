@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from llamba_cli.errors import OutputError, ResumeError
 from llamba_cli.job.durable import OutputLock, atomic_write
@@ -90,6 +88,9 @@ def write_sidecar(
 def finished_fingerprint(layout: OutputLayout) -> Any:
     """The fingerprint recorded in the finished output, or None if it has none."""
     if layout.format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
             metadata = pq.read_schema(layout.path).metadata or {}
         except (pa.ArrowException, OSError):

@@ -40,17 +40,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from llamba_cli.errors import OutputError
-from llamba_cli.job.columns import merge_parquet_parts, rows_to_table
 from llamba_cli.job.durable import (
     TMP_SUFFIX,
     OutputLock,
@@ -75,6 +73,9 @@ from llamba_cli.job.manifest import (
     write_manifest,
     write_sidecar,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class OutputStore:
@@ -330,6 +331,10 @@ class OutputStore:
             self._write_manifest(may_supersede=True)  # before any superseding row lands
         part = self.layout.part(self._next_part)
         if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            from llamba_cli.job.columns import rows_to_table
+
             table = rows_to_table(rows, self.schema)
             atomic_replace(part, lambda tmp: pq.write_table(table, tmp))
         else:
@@ -349,6 +354,8 @@ class OutputStore:
         tmp = self.layout.publish_tmp
         try:
             if self.format == "parquet":
+                from llamba_cli.job.columns import merge_parquet_parts
+
                 metadata = parquet_metadata(self.fingerprint)
                 merge_parquet_parts(parts, tmp, metadata=metadata, keep=keep, schema=self.schema)
                 fsync_file(tmp)
@@ -386,8 +393,17 @@ class OutputStore:
             if exc.filename and Path(exc.filename) != self.path:
                 reason = f"{reason} ('{exc.filename}')"
             raise OutputError(f"cannot {verb} '{self.path}': {reason}") from None
-        except (pa.ArrowException, orjson.JSONEncodeError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, orjson.JSONEncodeError) and not _is_arrow_error(exc):
+                raise
             raise OutputError(f"cannot {verb} '{self.path}': {_first_line(exc)}") from None
+
+
+def _is_arrow_error(exc: Exception) -> bool:
+    """Whether `exc` is Arrow's.  Without Arrow loaded (a JSON Lines job never loads
+    it) nothing can have raised one."""
+    pa = sys.modules.get("pyarrow")
+    return pa is not None and isinstance(exc, pa.ArrowException)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,15 +10,18 @@ else the JSON text.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import pyarrow as pa
 
 from llamba_cli.engine import Grammar, Model, schema_to_gbnf
 from llamba_cli.errors import ConfigError
 from llamba_cli.job.userfiles import read_text
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,11 @@ class Constraint:
     source: str
     gbnf: str
     schema: Any = None
-    json_type: pa.DataType | None = None
+
+    @functools.cached_property
+    def json_type(self) -> pa.DataType | None:
+        # Derived on first use, by a Parquet output: a JSON Lines job never loads Arrow.
+        return arrow_type(self.schema) if self.schema is not None else None
 
     @property
     def is_json(self) -> bool:
@@ -83,7 +90,7 @@ def load_constraint(json_schema: str | None, grammar: str | None) -> Constraint 
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     schema = orjson.loads(text)
-    return Constraint(source=source, gbnf=gbnf, schema=schema, json_type=arrow_type(schema))
+    return Constraint(source=source, gbnf=gbnf, schema=schema)
 
 
 def arrow_type(schema: Any) -> pa.DataType | None:
@@ -95,6 +102,8 @@ def arrow_type(schema: Any) -> pa.DataType | None:
     (oneOf/anyOf/allOf, $ref, additionalProperties, type lists, null, tuples) -> None,
     and so does a schema any of whose parts has no type.
     """
+    import pyarrow as pa
+
     if not isinstance(schema, dict):
         return None
     if {"$ref", "oneOf", "anyOf", "allOf", "const", "prefixItems"} & schema.keys():
@@ -132,6 +141,8 @@ def arrow_type(schema: Any) -> pa.DataType | None:
 def _conform(value: Any, kind: pa.DataType) -> Any:
     """`value` as Python values that Arrow infers as exactly `kind`: every struct field
     present, in order (absent optional ones null), numbers of a float column as floats."""
+    import pyarrow as pa
+
     if value is None:
         return None
     if pa.types.is_struct(kind):

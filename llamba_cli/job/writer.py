@@ -8,18 +8,24 @@ state kept here is the reorder buffer, bounded by what is in flight.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llamba_cli.engine import Request, normalize
 from llamba_cli.errors import RowError
-from llamba_cli.job.columns import fits, kept_name
 from llamba_cli.job.readers import InputRow
 from llamba_cli.job.store import OutputStore
 from llamba_cli.job.summary import JobSummary, ProgressSink
 
 if TYPE_CHECKING:
     from llamba_cli.job.execute import Job
+    from llamba_cli.job.structured import Constraint
+
+
+def kept_name(column: str, taken: Sequence[str]) -> str:
+    """The output name of kept input column `column`: itself, or `input_<column>` when
+    the output already has a column of that name."""
+    return column if column not in taken else f"input_{column}"
 
 
 def row_seed(base: int, row_id: str, sample: int) -> int:
@@ -92,9 +98,9 @@ class ResultWriter:
             except (ValueError, TypeError, AttributeError) as e:
                 # the grammar rules this out; never pass broken JSON on
                 req.error = f"output is not valid JSON: {e}"
-            kind = constraint.json_type
-            if self.store.format == "parquet" and kind is not None and not fits(json_value, kind):
+            if self.store.format == "parquet" and not _fits_column(json_value, constraint):
                 # e.g. an integer beyond 64 bits, which JSON allows and Parquet cannot hold
+                kind = constraint.json_type
                 req.error = f"output JSON does not fit the Parquet column type {kind}"
                 json_value = None
         if self.job.labels is None:
@@ -120,6 +126,15 @@ class ResultWriter:
         failed = req.error is not None
         self.summary.errors += failed
         self.progress.advance(1, int(failed), req.completion_tokens)
+
+
+def _fits_column(value: Any, constraint: Constraint) -> bool:
+    """Whether `value` can be stored in the Parquet `json` column (text always can)."""
+    if constraint.json_type is None:
+        return True
+    from llamba_cli.job.columns import fits  # Arrow: only for a Parquet output
+
+    return fits(value, constraint.json_type)
 
 
 def _logprob_column(logprobs: Any) -> list[dict[str, Any]] | None:

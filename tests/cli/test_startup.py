@@ -196,3 +196,60 @@ def test_a_job_logging_to_a_pipe_does_not_load_rich(model_path: Path, tmp_path: 
     assert done.stdout.splitlines()[-1] == "LOADED=numpy"  # numpy: the probe sees imports
     summary = [ln for ln in done.stderr.splitlines() if "rows written to" in ln]
     assert len(summary) == 1 and summary[0].endswith("s") and "; 0 errors; " in summary[0]
+
+
+_JOB_PROBE = """
+import sys
+argvs = {argvs!r}
+from llamba_cli.cli.app import main
+for argv in argvs:
+    sys.argv = argv
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+print("LOADED=" + ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & {{"pyarrow", "numpy"}})))
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "loaded"),
+    [
+        ("generate.jsonl", "numpy"),
+        ("classify.jsonl", "numpy"),
+        ("schema.jsonl", "numpy"),
+        ("csv.jsonl", "numpy"),
+        ("generate.parquet", "numpy,pyarrow"),  # the probe sees Arrow where it is needed
+    ],
+)
+def test_json_lines_jobs_never_load_arrow(
+    model_path: Path, tmp_path: Path, case: str, loaded: str
+) -> None:
+    """Arrow's import is 0.1-0.2 s of work that slows the model's load beside it; a job
+    that reads and writes JSON Lines (or reads CSV) has no use for it, run or resumed."""
+    kind, suffix = case.split(".")
+    if kind == "csv":
+        source = tmp_path / "in.csv"
+        source.write_text("id,prompt\na,Hi\nb,Yo\n")
+    else:
+        source = tmp_path / "in.jsonl"
+        source.write_text('{"id": "a", "prompt": "Hi", "text": "fine"}\n')
+    out = tmp_path / f"out.{suffix}"
+    argv = ["llamba", "classify" if kind == "classify" else "generate", str(source)]
+    argv += ["-o", str(out), "-m", str(model_path), "--ctx", "512"]
+    if kind == "classify":
+        argv += ["--labels", "yes,no"]
+    else:
+        argv += ["--max-tokens", "4", "--temperature", "0"]
+    if kind == "schema":
+        schema = tmp_path / "schema.json"
+        schema.write_text('{"type": "boolean"}')  # complete within the 4 tokens
+        argv += ["--json-schema", str(schema)]
+    # The second run finds the first one's finished output and resumes it.
+    probe = _JOB_PROBE.format(argvs=[argv, argv])
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"LOADED={loaded}"
+    assert out.exists()
