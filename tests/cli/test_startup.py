@@ -208,7 +208,8 @@ for argv in argvs:
         main()
     except SystemExit as e:
         assert e.code == 0, (argv, e.code)
-print("LOADED=" + ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & {{"pyarrow", "numpy"}})))
+loaded = {{m.split(".")[0] for m in sys.modules}} & {{"pyarrow", "numpy"}}
+print("LOADED=" + ",".join(sorted(loaded)))
 """
 
 
