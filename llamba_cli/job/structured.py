@@ -40,7 +40,7 @@ class Constraint:
     @functools.cached_property
     def json_type(self) -> pa.DataType | None:
         # Derived on first use, by a Parquet output: a JSON Lines job never loads Arrow.
-        return arrow_type(self.schema) if self.schema is not None else None
+        return arrow_type(self.schema)  # None for a GBNF file's (no schema)
 
     @property
     def is_json(self) -> bool:
